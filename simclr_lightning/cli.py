@@ -1,0 +1,196 @@
+"""The ``simclr-lightning`` command: pretrain, finetune, prepare, evaluate, demo, configs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from simclr_lightning.loggers import WandbRunLogger, run_dir_of
+
+logger = logging.getLogger(__name__)
+
+COMMANDS = {
+    "pretrain": "SimCLR pretraining (LightningCLI: fit/validate/test/predict)",
+    "finetune": "fine-tuning or linear evaluation from a checkpoint (LightningCLI)",
+    "prepare": "decode, crop and resize every image once into a memory-mapped cache",
+    "evaluate": "run the evaluation protocol and write a report folder",
+    "demo": "pretrain and probe on the bundled LFW faces in a few minutes on a CPU",
+    "configs": "list the YAML configs shipped with the package",
+}
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Map each shipped config's name (without .yaml) to its path inside the package."""
+    folder = resources.files("simclr_lightning") / "configs"
+    return {
+        Path(entry.name).stem: Path(str(entry))
+        for entry in folder.iterdir()
+        if entry.name.endswith(".yaml")
+    }
+
+
+def resolve_config_arguments(argv: Sequence[str]) -> list[str]:
+    """Replace ``--config NAME`` by the shipped config's path when NAME is not a file.
+
+    ``--config pretrain_faces`` and ``--config pretrain_faces.yaml`` both find the config
+    shipped inside the package, so the commands work from any folder.
+    """
+    configs = shipped_configs()
+    resolved: list[str] = []
+    expect_value = False
+    for argument in argv:
+        if expect_value:
+            resolved.append(_resolve_config(argument, configs))
+            expect_value = False
+        elif argument == "--config":
+            resolved.append(argument)
+            expect_value = True
+        elif argument.startswith("--config="):
+            resolved.append("--config=" + _resolve_config(argument.split("=", 1)[1], configs))
+        else:
+            resolved.append(argument)
+    return resolved
+
+
+def _resolve_config(value: str, configs: dict[str, Path]) -> str:
+    if Path(value).exists():
+        return value
+    name = Path(value).name.removesuffix(".yaml")
+    if name in configs:
+        return str(configs[name])
+    raise SystemExit(
+        f"Config {value!r} is neither a file nor a shipped config. "
+        f"Shipped configs: {', '.join(sorted(configs))}."
+    )
+
+
+class RunFolderSaveConfig(SaveConfigCallback):
+    """Save the resolved config and the data report into the run's own folder.
+
+    Each W&B run has its own folder (``save_dir/project/RUN_ID``), so a second run started in
+    the same working folder never collides with the first.
+    """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.already_saved:
+            return
+        if trainer.is_global_zero:
+            run_dir = run_dir_of(trainer)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.parser.save(
+                self.config, run_dir / self.config_filename, skip_none=False, overwrite=True
+            )
+            _save_data_report(trainer.datamodule, run_dir)
+            if isinstance(trainer.logger, WandbRunLogger):
+                trainer.logger.announce()
+            logger.info("Resolved config saved to %s", run_dir / self.config_filename)
+        self.already_saved = bool(trainer.strategy.broadcast(True))
+
+
+def _save_data_report(datamodule: LightningDataModule | None, run_dir: Path) -> None:
+    report = getattr(datamodule, "report", None)
+    if report is None:
+        return
+    if hasattr(report, "to_markdown"):
+        (run_dir / "data_report.md").write_text(report.to_markdown())
+    if hasattr(report, "to_dict"):
+        (run_dir / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+
+
+def _trainer_defaults(job_type: str, monitor: str | None) -> dict[str, Any]:
+    checkpoint: dict[str, Any] = {"save_last": True}
+    if monitor:
+        checkpoint.update(monitor=monitor, mode="max", save_top_k=1)
+    return {
+        "logger": {
+            "class_path": "simclr_lightning.loggers.WandbRunLogger",
+            "init_args": {"job_type": job_type},
+        },
+        "callbacks": [
+            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": checkpoint},
+        ],
+    }
+
+
+def run_lightning_cli(command: str, argv: Sequence[str]) -> LightningCLI:
+    """Run the LightningCLI of ``pretrain`` or ``finetune`` with ``argv`` after the command."""
+    from simclr_lightning.models.finetune import FineTuneModule
+    from simclr_lightning.models.simclr import SimCLRModule
+
+    model_class: type[LightningModule]
+    if command == "pretrain":
+        model_class, monitor = SimCLRModule, None
+    else:
+        model_class, monitor = FineTuneModule, "val/balanced_accuracy"
+    return LightningCLI(
+        model_class,
+        LightningDataModule,
+        subclass_mode_data=True,
+        save_config_callback=RunFolderSaveConfig,
+        trainer_defaults=_trainer_defaults(command, monitor),
+        args=resolve_config_arguments(argv),
+        parser_kwargs={"prog": f"simclr-lightning {command}"},
+    )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="simclr-lightning",
+        description="SimCLR self-supervised learning on faces with PyTorch Lightning.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n"
+        + "\n".join(f"  {name:<10} {text}" for name, text in COMMANDS.items())
+        + "\n\nRun 'simclr-lightning COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND")
+    parser.add_argument("arguments", nargs=argparse.REMAINDER)
+    return parser
+
+
+def configure_logging() -> None:
+    """Send the library's INFO logs to standard error, once."""
+    root = logging.getLogger("simclr_lightning")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``simclr-lightning`` console script."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    parsed = _build_parser().parse_args(arguments[:1])
+    rest = arguments[1:]
+    configure_logging()
+    if parsed.command in ("pretrain", "finetune"):
+        run_lightning_cli(parsed.command, rest)
+        return 0
+    if parsed.command == "configs":
+        for name, path in sorted(shipped_configs().items()):
+            logger.info("%-22s %s", name, path)
+        return 0
+    if parsed.command == "prepare":
+        from simclr_lightning.data.cache import prepare_main
+
+        return prepare_main(rest)
+    if parsed.command == "evaluate":
+        from simclr_lightning.evaluation.protocol import evaluate_main
+
+        return evaluate_main(rest)
+    from simclr_lightning.demo import demo_main
+
+    return demo_main(rest)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
