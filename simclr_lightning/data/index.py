@@ -282,6 +282,9 @@ REASON_EFFECTS: dict[str, str] = {
     "utkface_missing_timestamp": "labels parsed: the name has no date-time field",
     "utkface_stray_character": "labels parsed: stray characters after the date-time were ignored",
     "utkface_unusual_timestamp": "labels parsed: the date-time field is not 17 digits",
+    "duplicate_label_conflict": (
+        "image kept for pretraining only: a byte-identical copy has another race or gender"
+    ),
     "celeba_identity_missing_image": "identity row ignored: its image is not in the folder",
     "celeba_partition_missing_image": "partition row ignored: its image is not in the folder",
     "celeba_attribute_missing_image": "attribute row ignored: its image is not in the folder",

@@ -69,6 +69,26 @@ def unique_by_hash(content_hash: np.ndarray) -> np.ndarray:
     return np.sort(first)
 
 
+def conflicting_label_mask(
+    race: np.ndarray, gender: np.ndarray, content_hash: np.ndarray
+) -> np.ndarray:
+    """Return a mask of rows whose byte-identical copies carry a different race or gender.
+
+    The same pixels cannot have two true labels, so such groups are unreliable for training and
+    for evaluation alike.
+    """
+    groups = group_by_hash(content_hash)
+    if groups.size == 0:
+        return np.zeros(0, dtype=bool)
+    # One integer per (race, gender) pair; -1 labels map to distinct keys as well.
+    key = (np.asarray(race, dtype=np.int64) + 1) * 8 + (np.asarray(gender, dtype=np.int64) + 1)
+    lowest = np.full(int(groups.max()) + 1, np.iinfo(np.int64).max, dtype=np.int64)
+    highest = np.full(int(groups.max()) + 1, np.iinfo(np.int64).min, dtype=np.int64)
+    np.minimum.at(lowest, groups, key)
+    np.maximum.at(highest, groups, key)
+    return (lowest != highest)[groups]
+
+
 def split_labeled(
     race: np.ndarray,
     gender: np.ndarray,
@@ -108,7 +128,7 @@ def split_labeled(
         ValueError: If a fraction is out of range, the fractions sum to more than 1, the arrays
             differ in length, or a required class has fewer groups than there are parts.
     """
-    fractions = _validate_fractions(finetune_fraction, val_fraction, test_fraction)
+    fractions = validate_fractions(finetune_fraction, val_fraction, test_fraction)
     race = np.asarray(race, dtype=np.int64)
     gender = np.asarray(gender, dtype=np.int64)
     hashes = np.asarray(content_hash)
@@ -141,7 +161,12 @@ def split_labeled(
     )
 
 
-def _validate_fractions(finetune: float, val: float, test: float) -> tuple[float, float, float]:
+def validate_fractions(finetune: float, val: float, test: float) -> tuple[float, float, float]:
+    """Return the three split fractions after checking their ranges and their sum.
+
+    Raises:
+        ValueError: If a fraction is outside [0, 1], ``finetune`` is 0 or the sum exceeds 1.
+    """
     for name, value in (("finetune_fraction", finetune), ("val_fraction", val)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}.")
