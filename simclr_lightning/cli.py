@@ -11,8 +11,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import lazy_instance
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from simclr_lightning.loggers import WandbRunLogger, run_dir_of
 
@@ -106,19 +108,34 @@ def _save_data_report(datamodule: LightningDataModule | None, run_dir: Path) -> 
         (run_dir / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2))
 
 
-def _trainer_defaults(job_type: str, monitor: str | None) -> dict[str, Any]:
-    checkpoint: dict[str, Any] = {"save_last": True}
-    if monitor:
-        checkpoint.update(monitor=monitor, mode="max", save_top_k=1)
-    return {
-        "logger": {
-            "class_path": "simclr_lightning.loggers.WandbRunLogger",
-            "init_args": {"job_type": job_type},
-        },
-        "callbacks": [
-            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": checkpoint},
-        ],
-    }
+class SimCLRLightningCLI(LightningCLI):
+    """LightningCLI with a configurable ``checkpoint`` group that every run keeps.
+
+    The checkpoint callback lives outside ``trainer.callbacks``, so a config that lists its own
+    callbacks never drops it. Its defaults keep ``last.ckpt``, and for fine-tuning also the
+    checkpoint with the best validation balanced accuracy.
+    """
+
+    checkpoint_monitor: str | None = None
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        defaults: dict[str, Any] = {"checkpoint.save_last": True}
+        if self.checkpoint_monitor:
+            defaults.update(
+                {
+                    "checkpoint.monitor": self.checkpoint_monitor,
+                    "checkpoint.mode": "max",
+                    "checkpoint.save_top_k": 1,
+                }
+            )
+        parser.set_defaults(defaults)
+
+
+class FineTuneLightningCLI(SimCLRLightningCLI):
+    """The fine-tuning CLI: keeps the checkpoint of the best validation balanced accuracy."""
+
+    checkpoint_monitor = "val/balanced_accuracy"
 
 
 def run_lightning_cli(command: str, argv: Sequence[str]) -> LightningCLI:
@@ -126,17 +143,16 @@ def run_lightning_cli(command: str, argv: Sequence[str]) -> LightningCLI:
     from simclr_lightning.models.finetune import FineTuneModule
     from simclr_lightning.models.simclr import SimCLRModule
 
-    model_class: type[LightningModule]
-    if command == "pretrain":
-        model_class, monitor = SimCLRModule, None
-    else:
-        model_class, monitor = FineTuneModule, "val/balanced_accuracy"
-    return LightningCLI(
+    model_class: type[LightningModule] = SimCLRModule
+    cli_class: type[SimCLRLightningCLI] = SimCLRLightningCLI
+    if command == "finetune":
+        model_class, cli_class = FineTuneModule, FineTuneLightningCLI
+    return cli_class(
         model_class,
         LightningDataModule,
         subclass_mode_data=True,
         save_config_callback=RunFolderSaveConfig,
-        trainer_defaults=_trainer_defaults(command, monitor),
+        trainer_defaults={"logger": lazy_instance(WandbRunLogger, job_type=command)},
         args=resolve_config_arguments(argv),
         parser_kwargs={"prog": f"simclr-lightning {command}"},
     )
