@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
+from simclr_lightning.data.cache import CachedImages, PreparedCache, prepare_cache
 from simclr_lightning.data.gpu_augment import (
     BRIGHTNESS,
     CONTRAST,
@@ -36,6 +37,7 @@ from simclr_lightning.data.gpu_augment import (
     sample_crops,
     to_uint8_tensor,
 )
+from simclr_lightning.data.index import FaceIndex
 from simclr_lightning.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -578,6 +580,17 @@ def test_uint8_dataset_from_image_source() -> None:
 
     item = UInt8ImageDataset(Source())[1]
     assert torch.equal(item["image"], torch.from_numpy(make_image(10, 1)).permute(2, 0, 1))
+
+
+def test_uint8_dataset_from_prepared_cache(tmp_path: Path) -> None:
+    paths = []
+    for seed in range(3):
+        path = tmp_path / f"{seed}.png"
+        Image.fromarray(make_image(12, seed)).save(path)
+        paths.append(str(path))
+    cache_dir = prepare_cache(FaceIndex(paths, source=0), tmp_path / "cache", 12, 0, progress=False)
+    dataset = UInt8ImageDataset(CachedImages(PreparedCache.open(cache_dir)))
+    assert torch.equal(dataset[2]["image"], torch.from_numpy(make_image(12, 2)).permute(2, 0, 1))
 
 
 def test_uint8_dataset_rejects_target_count() -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from simclr_lightning.data.images import ImageSource
 from simclr_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SimCLRAugmentation
 
 # torchvision's RandomResizedCrop defaults, which lightly's SimCLRTransform keeps.
@@ -557,12 +558,6 @@ def gaussian_blur(views: Tensor, mask: Tensor, sigma: Tensor, max_sigma: float) 
     return views
 
 
-class _ImageSource(Protocol):
-    def __len__(self) -> int: ...
-
-    def load(self, i: int) -> PIL.Image.Image: ...
-
-
 def to_uint8_tensor(image: PIL.Image.Image | np.ndarray) -> Tensor:
     """Convert a PIL image or an (H, W, 3) uint8 array to a (3, H, W) uint8 tensor.
 
@@ -590,8 +585,9 @@ class UInt8ImageDataset(Dataset[dict[str, Tensor]]):
     augmentation then runs on the device, after the batch transfer.
 
     Args:
-        images: An image source (``__len__`` and ``load(i) -> PIL.Image.Image``, such as
-            ``CachedImages``) or an (N, S, S, 3) uint8 array, memory-mapped or not.
+        images: An image source (``__len__`` and ``load(i) -> PIL.Image.Image``) or an
+            (N, S, S, 3) uint8 array, memory-mapped or not. Sources with a ``load_array(i)``
+            method, such as ``CachedImages``, are read through it, without a PIL image.
         targets: Task label per image, or ``None`` when the images have no labels (target -1).
 
     Raises:
@@ -600,7 +596,7 @@ class UInt8ImageDataset(Dataset[dict[str, Tensor]]):
 
     def __init__(
         self,
-        images: _ImageSource | np.ndarray,
+        images: ImageSource | np.ndarray,
         targets: Sequence[int] | np.ndarray | None = None,
     ) -> None:
         self.images = images
@@ -621,6 +617,8 @@ class UInt8ImageDataset(Dataset[dict[str, Tensor]]):
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         if isinstance(self.images, np.ndarray):
             image = to_uint8_tensor(self.images[index])
+        elif hasattr(self.images, "load_array"):
+            image = to_uint8_tensor(self.images.load_array(index))
         else:
             image = to_uint8_tensor(self.images.load(index))
         return {"image": image, "target": torch.tensor(self.targets[index], dtype=torch.int64)}
