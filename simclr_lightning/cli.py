@@ -138,8 +138,12 @@ class FineTuneLightningCLI(SimCLRLightningCLI):
     checkpoint_monitor = "val/balanced_accuracy"
 
 
-def run_lightning_cli(command: str, argv: Sequence[str]) -> LightningCLI:
-    """Run the LightningCLI of ``pretrain`` or ``finetune`` with ``argv`` after the command."""
+def run_lightning_cli(command: str, argv: Sequence[str], run: bool = True) -> LightningCLI:
+    """Run the LightningCLI of ``pretrain`` or ``finetune`` with ``argv`` after the command.
+
+    With ``run=False``, ``argv`` has no subcommand and the CLI only builds the model, the
+    datamodule and the trainer, which tests and notebooks can then use.
+    """
     from simclr_lightning.models.finetune import FineTuneModule
     from simclr_lightning.models.simclr import SimCLRModule
 
@@ -155,7 +159,16 @@ def run_lightning_cli(command: str, argv: Sequence[str]) -> LightningCLI:
         trainer_defaults={"logger": lazy_instance(WandbRunLogger, job_type=command)},
         args=resolve_config_arguments(argv),
         parser_kwargs={"prog": f"simclr-lightning {command}"},
+        run=run,
     )
+
+
+def _close_run(trainer: Trainer) -> None:
+    """Finish the W&B run, so a later run in the same process gets a run and folder of its own."""
+    run_logger = trainer.logger
+    if isinstance(run_logger, WandbRunLogger) and trainer.is_global_zero:
+        logger.info("Run folder: %s", run_logger.run_dir)
+        run_logger.experiment.finish()
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -189,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rest = arguments[1:]
     configure_logging()
     if parsed.command in ("pretrain", "finetune"):
-        run_lightning_cli(parsed.command, rest)
+        cli = run_lightning_cli(parsed.command, rest)
+        _close_run(cli.trainer)
         return 0
     if parsed.command == "configs":
         for name, path in sorted(shipped_configs().items()):

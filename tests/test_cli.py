@@ -1,0 +1,206 @@
+"""Tests of the ``simclr-lightning`` command line: configs, LightningCLI runs, run folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from simclr_lightning.cli import main, resolve_config_arguments, run_lightning_cli, shipped_configs
+from simclr_lightning.loggers import WandbRunLogger
+from tests.conftest import UTKFaceTree, write_image
+
+CIFAR_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+
+EXPECTED_CONFIGS = {
+    "pretrain_faces",
+    "finetune_race",
+    "finetune_gender",
+    "cpu_small",
+    "multi_gpu",
+    "multi_node",
+    "cifar10_pretrain",
+    "cifar10_linear",
+}
+
+#: Overrides that turn any shipped config into a seconds-long CPU run on the fixtures.
+TINY = [
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--data.image_size=16",
+    "--data.batch_size=8",
+    "--data.num_workers=0",
+    "--data.persistent_workers=false",
+]
+
+
+@pytest.fixture(autouse=True)
+def _offline_wandb(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(tmp_path)
+
+
+def test_shipped_configs_present() -> None:
+    assert set(shipped_configs()) == EXPECTED_CONFIGS
+
+
+def test_resolve_config_arguments_finds_shipped() -> None:
+    resolved = resolve_config_arguments(
+        ["fit", "--config", "cpu_small", "--config=finetune_race.yaml"]
+    )
+    assert resolved[2] == str(shipped_configs()["cpu_small"])
+    assert resolved[3] == "--config=" + str(shipped_configs()["finetune_race"])
+    assert resolved[0] == "fit"
+
+
+def test_resolve_config_arguments_rejects_unknown() -> None:
+    with pytest.raises(SystemExit, match="neither a file nor a shipped config"):
+        resolve_config_arguments(["--config", "no_such_config"])
+
+
+def test_shipped_configs_comment_every_file() -> None:
+    for name, path in shipped_configs().items():
+        first_line = path.read_text().splitlines()[0]
+        assert first_line.startswith("# "), name
+
+
+def _face_roots(utkface_tree: UTKFaceTree) -> list[str]:
+    return [f"--data.utkface_root={utkface_tree.root}"]
+
+
+@pytest.mark.parametrize(
+    ("command", "configs", "checks"),
+    [
+        ("pretrain", ["pretrain_faces"], {"backbone": "resnet50", "temperature": 0.1}),
+        ("pretrain", ["pretrain_faces", "cpu_small"], {"backbone": "resnet18"}),
+        ("finetune", ["finetune_race"], {"protocol": "finetune", "class_weights": "balanced"}),
+        ("finetune", ["finetune_gender", "cpu_small"], {"backbone": "resnet18"}),
+    ],
+)
+def test_face_configs_instantiate(
+    utkface_tree: UTKFaceTree, command: str, configs: list[str], checks: dict[str, object]
+) -> None:
+    arguments = [item for name in configs for item in ("--config", name)]
+    arguments += _face_roots(utkface_tree) + [
+        "--trainer.accelerator=cpu",
+        "--trainer.precision=32-true",
+    ]
+    cli = run_lightning_cli(command, arguments, run=False)
+    for key, value in checks.items():
+        assert cli.model.hparams[key] == value, key
+    assert isinstance(cli.datamodule, LightningDataModule)
+    assert isinstance(cli.trainer.logger, WandbRunLogger)
+    assert any(isinstance(callback, ModelCheckpoint) for callback in cli.trainer.callbacks)
+
+
+def test_finetune_config_tasks(utkface_tree: UTKFaceTree) -> None:
+    for name, task in (("finetune_race", "race"), ("finetune_gender", "gender")):
+        arguments = ["--config", name, *_face_roots(utkface_tree), "--trainer.accelerator=cpu"]
+        cli = run_lightning_cli("finetune", arguments, run=False)
+        assert cli.datamodule.task == task
+
+
+@pytest.mark.parametrize("overlay", ["multi_gpu", "multi_node"])
+def test_distributed_configs_parse(utkface_tree: UTKFaceTree, overlay: str) -> None:
+    path = shipped_configs()[overlay]
+    trainer = yaml.safe_load(path.read_text())["trainer"]
+    assert trainer["strategy"] == "ddp"
+    assert trainer["sync_batchnorm"] is True
+    # The overlay's keys must be valid Trainer arguments: parse it, then run on one CPU process.
+    arguments = [
+        "--config",
+        "pretrain_faces",
+        "--config",
+        overlay,
+        *_face_roots(utkface_tree),
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.num_nodes=1",
+        "--trainer.strategy=auto",
+        "--trainer.precision=32-true",
+    ]
+    cli = run_lightning_cli("pretrain", arguments, run=False)
+    assert cli.trainer.world_size == 1
+
+
+def test_cifar_configs_instantiate(tmp_path: Path) -> None:
+    root = tmp_path / "cifar"
+    for split in ("train", "test"):
+        for index, name in enumerate(CIFAR_CLASSES):
+            write_image(root / split / name / f"{index}.png", seed=index, fmt="PNG")
+    for command, name in (("pretrain", "cifar10_pretrain"), ("finetune", "cifar10_linear")):
+        arguments = ["--config", name, f"--data.root={root}", "--trainer.accelerator=cpu"]
+        cli = run_lightning_cli(command, arguments, run=False)
+        assert cli.datamodule.num_classes == 10
+    assert cli.model.hparams["protocol"] == "linear"
+
+
+def test_print_config_shows_resolved_values(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as raised:
+        main(["pretrain", "fit", "--config", "pretrain_faces", "--print_config"])
+    assert raised.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["backbone"] == "resnet50"
+    assert printed["data"]["class_path"] == "simclr_lightning.FaceDataModule"
+
+
+@pytest.mark.slow
+def test_pretrain_then_finetune_from_checkpoint(tmp_path: Path, utkface_tree: UTKFaceTree) -> None:
+    roots = _face_roots(utkface_tree)
+    pretrain = ["fit", "--config", "pretrain_faces", "--config", "cpu_small", *roots, *TINY]
+    assert main(["pretrain", *pretrain]) == 0
+    # A second run in the same folder gets a folder of its own.
+    assert main(["pretrain", *pretrain]) == 0
+    run_folders = sorted((tmp_path / "runs" / "simclr-lightning").iterdir())
+    assert len(run_folders) == 2
+    for folder in run_folders:
+        assert (folder / "config.yaml").is_file()
+        assert (folder / "data_report.md").is_file()
+        assert (folder / "checkpoints" / "last.ckpt").is_file()
+
+    checkpoint = run_folders[0] / "checkpoints" / "last.ckpt"
+    finetune = [
+        "fit",
+        "--config",
+        "finetune_gender",
+        "--config",
+        "cpu_small",
+        *roots,
+        *TINY,
+        f"--model.checkpoint_path={checkpoint}",
+    ]
+    assert main(["finetune", *finetune]) == 0
+    finetune_folder = next(
+        folder
+        for folder in (tmp_path / "runs" / "simclr-lightning").iterdir()
+        if folder not in run_folders
+    )
+    assert list(finetune_folder.glob("confusion_val_*.png"))
+    saved = yaml.safe_load((finetune_folder / "config.yaml").read_text())
+    assert saved["model"]["checkpoint_path"] == str(checkpoint)
+
+    pretrained = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    tuned = torch.load(
+        finetune_folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )["state_dict"]
+    assert not any(key.startswith("projection_head.") for key in tuned)
+    assert tuned["classifier.weight"].shape == (2, 512)
+    assert set(key for key in pretrained if key.startswith("backbone.")) <= set(tuned)
