@@ -64,7 +64,9 @@ class SimCLRAugmentation:
                 raise ValueError(f"{name} is a probability and must be in [0, 1], got {value}.")
         low, high = self.blur_sigma
         if not 0.0 < low <= high:
-            raise ValueError(f"blur_sigma must be (low, high) with 0 < low <= high, got {self.blur_sigma}.")
+            raise ValueError(
+                f"blur_sigma must be (low, high) with 0 < low <= high, got {self.blur_sigma}."
+            )
 
     @classmethod
     def cifar10(cls, image_size: int = 32) -> SimCLRAugmentation:
