@@ -13,6 +13,8 @@ from lightly.loss import NTXentLoss
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from simclr_lightning.data.gpu_augment import SimCLRBatchAugment
+from simclr_lightning.data.transforms import SimCLRAugmentation
 from simclr_lightning.models.backbones import build_backbone, build_projection_head
 from simclr_lightning.models.health import representation_health
 from simclr_lightning.models.optim import OptimizerName, build_optimizer, split_decay_groups
@@ -57,6 +59,12 @@ class SimCLRModule(pl.LightningModule):
         knn_temperature: Temperature of the kNN vote weights ``exp(similarity / T)``.
         channels_last: Run convolutions in channels-last memory format (faster on recent GPUs).
         compile_backbone: Wrap the backbone in ``torch.compile``.
+        gpu_augment: Build the two views on the device with ``SimCLRBatchAugment`` from
+            un-augmented uint8 batches ``{"image": uint8 (B, 3, S, S), "target": ...}``, such as
+            ``FaceDataModule(augment_on_device=True)`` yields, so CPU workers only decode.
+        augmentation: Settings of the device augmentation; ``None`` takes the datamodule's
+            ``augmentation`` attribute, else the SimCLR defaults at the datamodule's image size.
+        augment_seed: Seed of the device augmentation; each rank adds its global rank.
     """
 
     def __init__(
@@ -83,6 +91,9 @@ class SimCLRModule(pl.LightningModule):
         knn_temperature: float = 0.07,
         channels_last: bool = False,
         compile_backbone: bool = False,
+        gpu_augment: bool = False,
+        augmentation: SimCLRAugmentation | None = None,
+        augment_seed: int = 0,
     ) -> None:
         super().__init__()
         if not temperature > 0:
@@ -108,6 +119,7 @@ class SimCLRModule(pl.LightningModule):
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         if compile_backbone:
             self.backbone = torch.compile(self.backbone)  # type: ignore[assignment]
+        self.batch_augment: SimCLRBatchAugment | None = None
         self._features: dict[int, list[Tensor]] = {}
         self._labels: dict[int, list[Tensor]] = {}
         self._probe_predictions: list[Tensor] = []
@@ -127,14 +139,38 @@ class SimCLRModule(pl.LightningModule):
     # ---------------------------------------------------------------- setup
 
     def setup(self, stage: str) -> None:
-        """Create the online probe when the attached datamodule brings labeled classes."""
+        """Create the online probe and the device augmentation from the attached datamodule."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.hparams["gpu_augment"] and self.batch_augment is None:
+            self.batch_augment = self._build_batch_augment(datamodule)
         if self.hparams["num_classes"] is not None or self.online_probe is not None:
             return
-        datamodule = getattr(self.trainer, "datamodule", None)
         num_classes = getattr(datamodule, "num_classes", 0) or 0
         self.hparams["num_classes"] = num_classes
         if num_classes:
             self.online_probe = nn.Linear(self.feature_dim, num_classes).to(self.device)
+
+    def _build_batch_augment(self, datamodule: Any) -> SimCLRBatchAugment:
+        augmentation = self.hparams["augmentation"] or getattr(datamodule, "augmentation", None)
+        if augmentation is None:
+            image_size = getattr(datamodule, "hparams", {}).get("image_size", 128)
+            augmentation = SimCLRAugmentation(image_size=int(image_size))
+        seed = self.hparams["augment_seed"] + self.global_rank
+        rank_zero_info(f"SimCLR views are built on the device from uint8 batches: {augmentation}")
+        return SimCLRBatchAugment(augmentation, seed=seed).to(self.device)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Turn an un-augmented uint8 training batch into two views, on the batch's device."""
+        if (
+            self.batch_augment is not None
+            and isinstance(batch, dict)
+            and "views" not in batch
+            and batch.get("image") is not None
+            and batch["image"].dtype == torch.uint8
+        ):
+            view0, view1 = self.batch_augment(batch["image"])
+            return {"views": [view0, view1], "target": batch["target"]}
+        return batch
 
     # ---------------------------------------------------------------- training
 
