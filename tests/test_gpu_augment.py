@@ -329,6 +329,29 @@ def test_resized_crop_matches_torchvision(crop: tuple[int, int, int, int]) -> No
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(
+    ("input_size", "crops"),
+    [
+        # Shrunk and enlarged crops of 24-pixel images.
+        (24, [(0, 0, 24, 24), (0, 2, 22, 20), (1, 2, 10, 12), (4, 4, 20, 10)]),
+        # Whole 16-pixel images, copied, next to enlarged crops.
+        (16, [(0, 0, 16, 16), (2, 3, 8, 10), (0, 0, 16, 16), (5, 0, 11, 16)]),
+    ],
+)
+def test_resized_crop_mixed_batch_matches_torchvision(
+    input_size: int, crops: list[tuple[int, int, int, int]]
+) -> None:
+    images = torch.randint(0, 256, (2, 3, input_size, input_size), dtype=torch.uint8)
+    augment = SimCLRBatchAugment(SimCLRAugmentation(**{**IDENTITY, "image_size": 16}))
+    params = augment.sample_params(4, input_size, input_size)
+    params.crops = torch.tensor(crops)
+    source = torch.tensor([0, 1, 0, 1])
+    ours = unnormalize(augment.build_views(images, params, source))
+    for i, crop in enumerate(crops):
+        expected = TF.resized_crop(images[source[i]].float() / 255, *crop, [16, 16], antialias=True)
+        torch.testing.assert_close(ours[i], expected, atol=1e-5, rtol=0)
+
+
 def test_resized_crop_shrink_matches_pillow() -> None:
     image = make_image(40)
     top, left, height, width = 2, 3, 36, 30
@@ -446,6 +469,16 @@ def test_jitter_op_matches_torchvision(
     result = ours(views, torch.tensor(factors))
     for i, factor in enumerate(factors):
         torch.testing.assert_close(result[i], reference(views[i], factor), atol=2e-6, rtol=0)
+
+
+def test_adjust_hue_ties_match_torchvision() -> None:
+    # Four levels per channel give many pixels with two equal largest channels, and gray pixels.
+    generator = torch.Generator().manual_seed(0)
+    views = torch.randint(0, 4, (4, 3, 8, 8), generator=generator).float() / 3
+    shifts = [-0.4, -0.1, 0.15, 0.5]
+    result = adjust_hue(views, torch.tensor(shifts))
+    for i, shift in enumerate(shifts):
+        torch.testing.assert_close(result[i], TF.adjust_hue(views[i], shift), atol=2e-6, rtol=0)
 
 
 def test_color_jitter_follows_each_order() -> None:

@@ -274,22 +274,15 @@ class SimCLRBatchAugment(nn.Module):
         _check_images(images)
         device = images.device
         size = self.augmentation.image_size
+        # The parameters stay on the CPU, where selecting rows needs no device synchronisation.
         # Autocast is off so that the colour maths stays in float32 under bf16-mixed training.
         with torch.autocast(device_type=device.type, enabled=False):
-            views = resized_crop(images, params.crops.to(device), source.to(device), size)
-            views = flip_horizontal(views, params.flip.to(device))
-            views = color_jitter(
-                views,
-                params.jitter.to(device),
-                params.jitter_order.to(device),
-                params.jitter_factors.to(device),
-            )
-            views = grayscale(views, params.gray.to(device))
+            views = resized_crop(images, params.crops, source, size)
+            views = flip_horizontal(views, params.flip)
+            views = color_jitter(views, params.jitter, params.jitter_order, params.jitter_factors)
+            views = grayscale(views, params.gray)
             views = gaussian_blur(
-                views,
-                params.blur.to(device),
-                params.blur_sigma.to(device),
-                max_sigma=self.augmentation.blur_sigma[1],
+                views, params.blur, params.blur_sigma, max_sigma=self.augmentation.blur_sigma[1]
             )
             return views.sub(self.mean).div(self.std)
 
@@ -329,24 +322,81 @@ def _check_images(images: Tensor) -> None:
 
 
 def resized_crop(images: Tensor, crops: Tensor, source: Tensor, size: int) -> Tensor:
-    """Crop boxes from images and resize them to ``size`` x ``size``, all views at once.
+    """Crop boxes from images and resize them to ``size`` x ``size``, as torchvision does.
+
+    The result equals torchvision's ``resized_crop(..., antialias=True)``: cropping first, then
+    bilinear resizing with antialiasing. Crops no larger than ``size`` along both axes, the only
+    kind when the images are stored at the output size, are enlarged with one ``grid_sample``
+    call. Larger crops need the antialiasing filter and go through :func:`_shrink_crops`. Each
+    kind is resampled as one batch.
+
+    Args:
+        images: (B, 3, H, W) uint8 or float.
+        crops: (N, 4) int64 rows of ``top, left, height, width``, best on the CPU.
+        source: (N,) int64 index into ``images`` for each crop, on the same device as ``crops``.
+        size: Output side in pixels.
+
+    Returns:
+        (N, 3, size, size) float32, in [0, 1] for uint8 input.
+    """
+    device = images.device
+    height, width = images.shape[-2:]
+    top, left, crop_h, crop_w = crops.unbind(dim=1)
+    # Whole images already at the output size are copied, so their pixels stay bit-exact.
+    copy = (top == 0) & (left == 0) & (crop_h == height) & (crop_w == width)
+    copy &= height == size and width == size
+    shrink = ~copy & ((crop_h > size) | (crop_w > size))
+    enlarge = ~copy & ~shrink
+    resamplers = [(copy, _copy_crops), (shrink, _shrink_crops), (enlarge, _enlarge_crops)]
+
+    views = images.new_empty((len(crops), 3, size, size), dtype=torch.float32)
+    for rows, resample in resamplers:
+        if bool(rows.all()):
+            views = resample(images, crops.to(device), source.to(device), size)
+        elif bool(rows.any()):
+            index = torch.nonzero(rows).squeeze(1)
+            resampled = resample(images, crops[index].to(device), source[index].to(device), size)
+            views.index_copy_(0, index.to(device), resampled)
+    # Scale after resampling so an untouched pixel equals torchvision's uint8 * (1 / 255) exactly.
+    return views.mul_(1.0 / 255.0) if images.dtype == torch.uint8 else views
+
+
+def _copy_crops(images: Tensor, crops: Tensor, source: Tensor, size: int) -> Tensor:
+    """Return the whole source images as float, for crops that cover them at the output size."""
+    return images.index_select(0, source).float()
+
+
+def _enlarge_crops(images: Tensor, crops: Tensor, source: Tensor, size: int) -> Tensor:
+    """Resize crops no larger than ``size`` with bilinear sampling clamped to each crop."""
+    height, width = images.shape[-2:]
+    top, left, crop_h, crop_w = crops.float().unbind(dim=1)
+    # Sample positions in input pixel indices (align_corners=False), clamped to the crop so that
+    # pixels outside it never contribute, as when cropping first.
+    steps = torch.arange(size, device=crops.device) + 0.5
+    rows = top[:, None] + steps * (crop_h / size)[:, None] - 0.5
+    rows = torch.minimum(rows.clamp(min=0.0).maximum(top[:, None]), (top + crop_h - 1)[:, None])
+    columns = left[:, None] + steps * (crop_w / size)[:, None] - 0.5
+    columns = torch.minimum(
+        columns.clamp(min=0.0).maximum(left[:, None]), (left + crop_w - 1)[:, None]
+    )
+
+    # grid_sample takes (x, y) in [-1, 1], where -1 and 1 are the outer edges of the image.
+    grid_x = ((columns + 0.5) * (2.0 / width) - 1.0)[:, None, :].expand(-1, size, -1)
+    grid_y = ((rows + 0.5) * (2.0 / height) - 1.0)[:, :, None].expand(-1, -1, size)
+    grid = torch.stack([grid_x, grid_y], dim=-1)
+    pixels = images.index_select(0, source).float()
+    return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _shrink_crops(images: Tensor, crops: Tensor, source: Tensor, size: int) -> Tensor:
+    """Resize crops with antialiased bilinear weights, as two batched matrix products.
 
     Each view is ``A_y @ image @ A_x.T``, with one (size, H) and one (size, W) interpolation matrix
     per view. The matrices hold the weights that torchvision's ``resize(antialias=True)`` and
     Pillow's ``BILINEAR`` resize use. The weights come from a triangle filter, widened by the
     shrink factor when the crop is larger than ``size``. Pixels outside a crop get zero weight and
     the rest are renormalised, so the result equals cropping first and resizing after.
-
-    Args:
-        images: (B, 3, H, W) uint8 or float.
-        crops: (N, 4) int64 rows of ``top, left, height, width``, on the images' device.
-        source: (N,) int64 index into ``images`` for each crop.
-        size: Output side in pixels.
-
-    Returns:
-        (N, 3, size, size) float32, in [0, 1] for uint8 input.
     """
-    is_uint8 = images.dtype == torch.uint8
     height, width = images.shape[-2:]
     top, left, crop_h, crop_w = crops.unbind(dim=1)
     rows = _resize_weights(top, crop_h, height, size)
@@ -354,9 +404,7 @@ def resized_crop(images: Tensor, crops: Tensor, source: Tensor, size: int) -> Te
 
     # (N, 1, size, H) @ (N, 3, H, W) @ (N, 1, W, size) -> (N, 3, size, size)
     pixels = images.index_select(0, source).float()
-    views = rows.unsqueeze(1) @ pixels @ columns.transpose(1, 2).unsqueeze(1)
-    # Scale after resampling so an untouched pixel equals torchvision's uint8 * (1 / 255) exactly.
-    return views.mul_(1.0 / 255.0) if is_uint8 else views
+    return rows.unsqueeze(1) @ pixels @ columns.transpose(1, 2).unsqueeze(1)
 
 
 def _resize_weights(start: Tensor, length: Tensor, input_size: int, size: int) -> Tensor:
@@ -376,9 +424,18 @@ def _resize_weights(start: Tensor, length: Tensor, input_size: int, size: int) -
     return weights / weights.sum(dim=2, keepdim=True)
 
 
+def _selected_rows(mask: Tensor, device: torch.device) -> Tensor | None:
+    """Return the indices where ``mask`` is true on ``device``, or ``None`` if there are none."""
+    rows = torch.nonzero(mask).squeeze(1)
+    return rows.to(device) if rows.numel() else None
+
+
 def flip_horizontal(views: Tensor, mask: Tensor) -> Tensor:
     """Flip the views selected by ``mask`` (N,) left to right."""
-    return torch.where(mask.view(-1, 1, 1, 1), views.flip(-1), views)
+    rows = _selected_rows(mask, views.device)
+    if rows is None:
+        return views
+    return views.index_copy(0, rows, views.index_select(0, rows).flip(-1))
 
 
 def _luma(views: Tensor) -> Tensor:
@@ -411,40 +468,30 @@ def adjust_saturation(views: Tensor, factor: Tensor) -> Tensor:
 
 
 def adjust_hue(views: Tensor, shift: Tensor) -> Tensor:
-    """Rotate the HSV hue of each view by ``shift`` turns, as torchvision's ``adjust_hue``."""
-    hue, saturation, value = _rgb_to_hsv(views)
-    hue = torch.remainder(hue + shift.view(-1, 1, 1), 1.0)
-    return _hsv_to_rgb(hue, saturation, value)
+    """Rotate the HSV hue of each view by ``shift`` turns, as torchvision's ``adjust_hue``.
 
-
-def _rgb_to_hsv(views: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Return hue in turns [0, 1), saturation and value, each (N, H, W), of RGB views in [0, 1]."""
+    Value (the largest channel) and chroma (largest minus smallest) do not change, so the output
+    is computed from them and the shifted hue, without converting to HSV and back.
+    """
     red, green, blue = views.unbind(dim=1)
-    max_c, argmax_c = views.max(dim=1)
-    min_c = views.min(dim=1).values
-    delta = max_c - min_c
-    saturation = delta / torch.where(max_c > 0, max_c, torch.ones_like(max_c))
+    value = torch.maximum(torch.maximum(red, green), blue)
+    chroma = value - torch.minimum(torch.minimum(red, green), blue)
 
-    # Hue in sextants: the sector of the largest channel plus the offset inside it.
-    safe_delta = torch.where(delta > 0, delta, torch.ones_like(delta))
-    hue_red = (green - blue) / safe_delta
-    hue_green = (blue - red) / safe_delta + 2.0
-    hue_blue = (red - green) / safe_delta + 4.0
-    hue = torch.where(argmax_c == 0, hue_red, torch.where(argmax_c == 1, hue_green, hue_blue))
-    hue = torch.where(delta > 0, torch.remainder(hue / 6.0, 1.0), torch.zeros_like(hue))
-    return hue, saturation, max_c
+    # Hue in sextants [0, 6). Ties between largest channels go to red, then green, as in
+    # torchvision.
+    red_max = red == value
+    green_max = (green == value) & ~red_max
+    numerator = torch.where(red_max, green - blue, torch.where(green_max, blue - red, red - green))
+    sector = torch.where(red_max, 0.0, torch.where(green_max, 2.0, 4.0))
+    safe_chroma = torch.where(chroma > 0, chroma, 1.0)
+    hue = numerator / safe_chroma + sector + 6.0 * shift.view(-1, 1, 1)
 
-
-def _hsv_to_rgb(hue: Tensor, saturation: Tensor, value: Tensor) -> Tensor:
-    """Return (N, 3, H, W) RGB from (N, H, W) hue in turns, saturation and value."""
-    channels = []
-    # Channel c is value * (1 - saturation * clamp(min(k, 4 - k), 0, 1)), k = (n + 6 * hue) mod 6,
-    # with n = 5, 3, 1 for red, green and blue.
-    for offset in (5.0, 3.0, 1.0):
-        k = torch.remainder(offset + 6.0 * hue, 6.0)
-        ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-        channels.append(value - value * saturation * ramp)
-    return torch.stack(channels, dim=1)
+    # Channel c is value - chroma * clamp(min(k, 4 - k), 0, 1) with k = (n + hue) mod 6 and
+    # n = 5, 3, 1 for red, green and blue. Gray pixels have zero chroma and stay unchanged.
+    offsets = torch.tensor([5.0, 3.0, 1.0], device=views.device).view(1, 3, 1, 1)
+    k = torch.remainder(hue.unsqueeze(1) + offsets, 6.0)
+    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return value.unsqueeze(1) - chroma.unsqueeze(1) * ramp
 
 
 _JITTER_OPS = {
@@ -468,22 +515,31 @@ def color_jitter(views: Tensor, mask: Tensor, order: Tensor, factors: Tensor) ->
         order: (N, 4) int64 permutations of ``BRIGHTNESS, CONTRAST, SATURATION, HUE``.
         factors: (N, 4) float32 factors in that column order.
 
+    ``mask``, ``order`` and ``factors`` are best kept on the CPU, where selecting rows does not
+    wait for the device.
+
     Returns:
         The jittered views (a new tensor).
     """
     views = views.clone()
     for position in range(4):
         for op, adjust in _JITTER_OPS.items():
-            rows = torch.nonzero(mask & (order[:, position] == op)).squeeze(1)
-            if rows.numel() == 0:
+            selected = mask & (order[:, position] == op)
+            rows = _selected_rows(selected, views.device)
+            if rows is None:
                 continue
-            views[rows] = adjust(views[rows], factors[rows, op])
+            op_factors = factors[selected, op].to(views.device)
+            views.index_copy_(0, rows, adjust(views.index_select(0, rows), op_factors))
     return views
 
 
 def grayscale(views: Tensor, mask: Tensor) -> Tensor:
     """Replace the views selected by ``mask`` (N,) with their luma on all three channels."""
-    return torch.where(mask.view(-1, 1, 1, 1), _luma(views).expand_as(views), views)
+    rows = _selected_rows(mask, views.device)
+    if rows is None:
+        return views
+    gray = _luma(views.index_select(0, rows)).expand(-1, 3, -1, -1)
+    return views.index_copy(0, rows, gray.contiguous())
 
 
 def _box_radius(sigma: float) -> int:
@@ -527,25 +583,25 @@ def gaussian_blur(views: Tensor, mask: Tensor, sigma: Tensor, max_sigma: float) 
 
     Args:
         views: (N, 3, H, W) float.
-        mask: (N,) bool, the views to blur. The others are returned unchanged.
-        sigma: (N,) standard deviations in pixels.
+        mask: (N,) bool, the views to blur, best on the CPU. The others are returned unchanged.
+        sigma: (N,) standard deviations in pixels, on the same device as ``mask``.
         max_sigma: Upper bound of ``sigma``, which fixes the kernel size for every batch.
 
     Returns:
         The blurred views (a new tensor).
     """
-    rows = torch.nonzero(mask).squeeze(1)
-    if rows.numel() == 0:
+    rows = _selected_rows(mask, views.device)
+    if rows is None:
         return views
     radius = _box_radius(max_sigma)
     count = rows.numel()
     channels, height, width = views.shape[1:]
-    taps = extended_box_weights(sigma[rows], radius).repeat_interleave(channels, dim=0)
-    horizontal = taps.view(count * channels, 1, 1, 2 * radius + 1).to(views.dtype)
+    taps = extended_box_weights(sigma[mask], radius).repeat_interleave(channels, dim=0)
+    horizontal = taps.view(count * channels, 1, 1, 2 * radius + 1).to(views)
     vertical = horizontal.view(count * channels, 1, 2 * radius + 1, 1)
 
     # Fold (views, channels) into channels of one image for a single depthwise convolution.
-    blurred = views[rows].reshape(1, count * channels, height, width)
+    blurred = views.index_select(0, rows).reshape(1, count * channels, height, width)
     for _ in range(BLUR_PASSES):
         padded = F.pad(blurred, (radius, radius, 0, 0), mode="replicate")
         blurred = F.conv2d(padded, horizontal, groups=count * channels)
@@ -553,9 +609,7 @@ def gaussian_blur(views: Tensor, mask: Tensor, sigma: Tensor, max_sigma: float) 
         padded = F.pad(blurred, (0, 0, radius, radius), mode="replicate")
         blurred = F.conv2d(padded, vertical, groups=count * channels)
 
-    views = views.clone()
-    views[rows] = blurred.view(count, channels, height, width)
-    return views
+    return views.index_copy(0, rows, blurred.view(count, channels, height, width))
 
 
 def to_uint8_tensor(image: PIL.Image.Image | np.ndarray) -> Tensor:
