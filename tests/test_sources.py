@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -484,3 +485,12 @@ def test_real_ffhq_sample_counts(shared_data: Path) -> None:
 
     assert len(index) == 113
     assert skips.total == 0
+
+
+def test_read_utkface_leaves_warning_filters_alone(utkface_tree: UTKFaceTree) -> None:
+    filters_before = list(warnings.filters)
+
+    for _ in range(3):
+        read_utkface(utkface_tree.root, num_threads=8)
+
+    assert warnings.filters == filters_before

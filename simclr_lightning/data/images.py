@@ -11,7 +11,6 @@ import hashlib
 import io
 import logging
 import os
-import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -199,12 +198,11 @@ def inspect_image(path: PathLike) -> ImageCheck:
     if not data:
         return ImageCheck(SKIP_EMPTY, content_hash, detail="file has 0 bytes")
     try:
-        with warnings.catch_warnings():
-            # Pillow warns about odd EXIF blocks; the full decode below is the real test.
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as image:
-                image.load()
-                width, height = image.size
+        # No warnings.catch_warnings() here: it swaps process-wide state, and the readers call
+        # this function from several threads at once.
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            width, height = image.size
     except Image.DecompressionBombError as error:
         return ImageCheck(SKIP_TOO_LARGE, content_hash, detail=str(error))
     except UnidentifiedImageError as error:
