@@ -246,6 +246,7 @@ class FaceDataModule(LightningDataModule):
             notes.append("celeba_gender_labels is ignored because the task is race.")
         for note in notes:
             rank_zero_info(note)
+        # NOTE: every rank decodes and hashes every file here, even when a prepared cache exists.
         index, skipped = read_face_sources(
             self.utkface_root,
             ffhq_root,
