@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightly.loss import NTXentLoss
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from simclr_lightning.data.gpu_augment import SimCLRBatchAugment
@@ -330,7 +330,14 @@ class SimCLRModule(pl.LightningModule):
         if not max_epochs or max_epochs < 1:
             return 0
         steps_per_epoch = total_steps / max_epochs
-        return min(math.ceil(self.hparams["warmup_epochs"] * steps_per_epoch), total_steps)
+        warmup = math.ceil(self.hparams["warmup_epochs"] * steps_per_epoch)
+        if warmup >= total_steps:
+            rank_zero_warn(
+                f"warmup_epochs={self.hparams['warmup_epochs']} covers the whole run of "
+                f"{max_epochs} epochs, so the learning rate never decays; lower warmup_epochs.",
+                stacklevel=2,
+            )
+        return min(warmup, total_steps)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         optimizer = self.optimizers(use_pl_optimizer=False)
