@@ -91,7 +91,7 @@ class RunFolderSaveConfig(SaveConfigCallback):
             self.parser.save(
                 self.config, run_dir / self.config_filename, skip_none=False, overwrite=True
             )
-            _save_data_report(trainer.datamodule, run_dir)
+            _save_data_report(getattr(trainer, "datamodule", None), run_dir)
             if isinstance(trainer.logger, WandbRunLogger):
                 trainer.logger.announce()
             logger.info("Resolved config saved to %s", run_dir / self.config_filename)

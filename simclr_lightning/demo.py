@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -148,15 +148,22 @@ def _datamodules(
         return LFWDataModule("pretrain", **common), LFWDataModule("classify", **common)
     from simclr_lightning.data.face_datamodule import FaceDataModule
 
-    common = {
-        **roots,
-        "image_size": settings.image_size,
-        "batch_size": settings.batch_size,
-        "num_workers": 2,
-        "seed": settings.seed,
-        "task": settings.task,
-    }
-    return FaceDataModule(mode="pretrain", **common), FaceDataModule(mode="finetune", **common)
+    task: Literal["race", "gender"] = "gender" if settings.task == "gender" else "race"
+
+    def face_data(mode: Literal["pretrain", "finetune"]) -> FaceDataModule:
+        return FaceDataModule(
+            utkface_root=roots.get("utkface_root"),
+            ffhq_root=roots.get("ffhq_root"),
+            celeba_root=roots.get("celeba_root"),
+            mode=mode,
+            task=task,
+            image_size=settings.image_size,
+            batch_size=settings.batch_size,
+            num_workers=2,
+            seed=settings.seed,
+        )
+
+    return face_data("pretrain"), face_data("finetune")
 
 
 def format_results(results: Sequence[DemoResult]) -> str:

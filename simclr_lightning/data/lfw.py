@@ -119,7 +119,7 @@ class LFWDataModule(pl.LightningDataModule):
         size = self.hparams["image_size"]
         resized = np.stack(
             [
-                np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+                np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
                 for image in images
             ]
         )

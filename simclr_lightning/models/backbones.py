@@ -61,7 +61,9 @@ def split_head_layers(head: nn.Module) -> list[nn.Sequential]:
     lightly's ``ProjectionHead`` stores its blocks flattened in one ``nn.Sequential``; a new
     layer starts at every ``nn.Linear``.
     """
-    modules = list(head.layers) if hasattr(head, "layers") else list(head.children())
+    layers_attr = getattr(head, "layers", None)
+    container = layers_attr if isinstance(layers_attr, nn.Sequential) else head
+    modules = list(container.children())
     layers: list[list[nn.Module]] = []
     for module in modules:
         if isinstance(module, nn.Linear):

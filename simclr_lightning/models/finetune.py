@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 
 from simclr_lightning.models.backbones import (
@@ -315,11 +316,13 @@ class FineTuneModule(pl.LightningModule):
     def _gather(self, tensor: Tensor) -> Tensor:
         if self.trainer.world_size == 1:
             return tensor
-        return self.all_gather(tensor).reshape(-1, *tensor.shape[1:])
+        gathered = self.all_gather(tensor)
+        assert isinstance(gathered, Tensor)
+        return gathered.reshape(-1, *tensor.shape[1:])
 
     # ---------------------------------------------------------------- optimization
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         hp = self.hparams
         assert self.classifier is not None
         groups = split_decay_groups(self.classifier.parameters(), hp["weight_decay"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -17,6 +17,9 @@ from simclr_lightning.evaluation.metrics import (
     classification_report,
     detect_collapse,
 )
+
+if TYPE_CHECKING:
+    from simclr_lightning.models.finetune import FineTuneModule
 
 logger = logging.getLogger(__name__)
 
@@ -35,19 +38,19 @@ class SplitResult:
 
 
 def log_classification(
-    module: pl.LightningModule, split: str, arrays: dict[str, np.ndarray]
+    module: FineTuneModule, split: str, arrays: dict[str, np.ndarray]
 ) -> SplitResult:
     """Log accuracy, balanced accuracy, macro F1, per-class recall and the confusion matrix.
 
     Args:
-        module: The module whose ``log`` and trainer are used; it provides ``num_classes`` and
-            ``class_names()``.
+        module: The module whose ``log``, trainer, ``num_classes`` and ``class_names()`` are
+            used.
         split: ``val`` or ``test``, the prefix of every logged name.
         arrays: ``prediction`` and ``target`` of every sample, and ``race`` / ``gender`` when
             the batches carried them (-1 where unknown).
     """
-    num_classes = int(module.num_classes)  # type: ignore[attr-defined]
-    names = module.class_names()  # type: ignore[operator]
+    num_classes = module.num_classes
+    names = module.class_names()
     report = classification_report(arrays["target"], arrays["prediction"], num_classes, names)
     for name, value in report.scalars(prefix=f"{split}/").items():
         if "/precision/" in name or "/f1/" in name:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from lightly.loss import NTXentLoss
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 
 from simclr_lightning.data.gpu_augment import SimCLRBatchAugment
@@ -270,6 +271,7 @@ class SimCLRModule(pl.LightningModule):
         if self.trainer.world_size == 1:
             return tensor
         gathered = self.all_gather(tensor)
+        assert isinstance(gathered, Tensor)
         return gathered.reshape(-1, *tensor.shape[1:])
 
     # ---------------------------------------------------------------- optimization
@@ -288,7 +290,7 @@ class SimCLRModule(pl.LightningModule):
             )
         return int(batch_size) * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         hp = self.hparams
         global_batch = self.global_batch_size()
         lr = scale_learning_rate(hp["base_lr"], global_batch, hp["lr_scaling"])
