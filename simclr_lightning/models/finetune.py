@@ -125,6 +125,8 @@ class FineTuneModule(pl.LightningModule):
         self.register_buffer("loss_weights", torch.empty(0), persistent=False)
         self._outputs: dict[str, list[dict[str, Tensor]]] = {}
         self.last_reports: dict[str, Any] = {}
+        # Most frequent training class, for the majority-baseline check of the collapse guard.
+        self.majority_class: int | None = None
         if protocol == "linear":
             self._freeze_encoder()
 
@@ -207,6 +209,11 @@ class FineTuneModule(pl.LightningModule):
             self.hparams["class_names"] = list(names) if names else None
         if self.hparams["class_weights"] == "balanced" and stage == "fit":
             self.loss_weights = self._balanced_weights(datamodule).to(self.device)
+        if hasattr(datamodule, "train_targets"):
+            targets = np.asarray(datamodule.train_targets())
+            targets = targets[targets >= 0]
+            if len(targets):
+                self.majority_class = int(np.bincount(targets).argmax())
 
     def _balanced_weights(self, datamodule: Any) -> Tensor:
         if datamodule is None or not hasattr(datamodule, "train_targets"):
@@ -316,6 +323,8 @@ class FineTuneModule(pl.LightningModule):
     def _gather(self, tensor: Tensor) -> Tensor:
         if self.trainer.world_size == 1:
             return tensor
+        # NOTE: the distributed sampler pads each rank to equal length, so up to world_size - 1
+        # repeated samples enter the gathered metrics.
         gathered = self.all_gather(tensor)
         assert isinstance(gathered, Tensor)
         return gathered.reshape(-1, *tensor.shape[1:])

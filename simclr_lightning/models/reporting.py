@@ -58,7 +58,10 @@ def log_classification(
         module.log(name, value, sync_dist=False)
     result = SplitResult(report=report)
     result.fairness = _group_reports(arrays, num_classes)
-    result.warnings = detect_collapse(report)
+    majority_accuracy = None
+    if module.majority_class is not None:
+        majority_accuracy = float(np.mean(arrays["target"] == module.majority_class))
+    result.warnings = detect_collapse(report, majority_accuracy)
     for message in result.warnings:
         rank_zero_warn(f"{split}: {message}", stacklevel=2)
     if module.trainer.is_global_zero:
