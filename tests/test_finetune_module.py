@@ -206,12 +206,6 @@ def _fit_one_step(module: FineTuneModule) -> None:
     trainer.fit(module, DataLoader(_LabeledImages(8), batch_size=8))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Lightning 2.x keeps each submodule's mode at fit start instead of calling train(), "
-    "so the encoder of a new linear-protocol FineTuneModule stays in train mode and its "
-    "BatchNorm running statistics move",
-)
 def test_linear_protocol_freezes_encoder(simclr_checkpoint: Path) -> None:
     module = FineTuneModule(
         str(simclr_checkpoint), num_classes=3, protocol="linear", head_layers_kept=1

@@ -129,6 +129,9 @@ class FineTuneModule(pl.LightningModule):
         self.majority_class: int | None = None
         if protocol == "linear":
             self._freeze_encoder()
+            # Lightning 2.6 keeps each submodule's mode when fitting starts, so the frozen
+            # encoder must start in eval mode rather than rely on a later train() call.
+            self.train()
 
     # ---------------------------------------------------------------- construction
 
@@ -191,6 +194,12 @@ class FineTuneModule(pl.LightningModule):
             self.backbone.eval()
             self.head_layers.eval()
         return self
+
+    def on_train_epoch_start(self) -> None:
+        """Put a frozen encoder back in eval mode after validation restored train mode."""
+        if self.hparams["protocol"] == "linear":
+            self.backbone.eval()
+            self.head_layers.eval()
 
     def setup(self, stage: str) -> None:
         """Take the classes, class names and class weights from the attached datamodule."""
