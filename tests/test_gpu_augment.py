@@ -8,9 +8,12 @@ between Pillow and this float32 implementation.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -644,3 +647,40 @@ def test_augment_batch_rejects_missing_image() -> None:
     augment = SimCLRBatchAugment(SimCLRAugmentation(image_size=16))
     with pytest.raises(KeyError, match="no 'image' entry"):
         augment.augment_batch({"views": [], "target": torch.zeros(2)})
+
+
+# The GPU benchmark script.
+
+
+def load_gpu_bench(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """Import benchmarks/gpu_bench.py, undoing its sys.path change after the test."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.py"
+    spec = importlib.util.spec_from_file_location("gpu_bench", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    # Dataclasses look up their module in sys.modules while the module runs.
+    monkeypatch.setitem(sys.modules, "gpu_bench", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_bench_without_cuda_exits(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gpu_bench = load_gpu_bench(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_bench.main([]) == 2
+    assert "no CUDA device is available" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_gpu_bench_dry_run_writes_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gpu_bench = load_gpu_bench(monkeypatch)
+    report = tmp_path / "benchmarks.md"
+    assert gpu_bench.main(["--dry-run", "--report", str(report)]) == 0
+    text = report.read_text()
+    assert "## GPU pretraining throughput and memory" in text
+    for run in ("model only", "CPU augmentation", "GPU augmentation"):
+        assert f"| {run} |" in text
+    assert "Largest ResNet that fits: resnet18." in text
