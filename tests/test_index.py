@@ -133,3 +133,31 @@ def test_skip_report_merge_and_json() -> None:
     assert merged.count("empty") == 2
     assert merged.examples["empty"] == ["x", "y"]
     assert json.loads(json.dumps(merged.to_dict()))["notes"] == ["descended into a nested copy"]
+
+
+def test_skip_report_from_dict_round_trip() -> None:
+    report = SkipReport()
+    report.add("corrupt", "a.jpg")
+    report.add("empty", count=3)
+    report.note("read only the aligned crops")
+
+    rebuilt = SkipReport.from_dict(json.loads(json.dumps(report.to_dict())))
+
+    assert rebuilt.counts == {"corrupt": 1, "empty": 3}
+    assert rebuilt.examples == {"corrupt": ["a.jpg"]}
+    assert rebuilt.notes == ["read only the aligned crops"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"examples": {}}, "needs a 'counts' mapping"),
+        ({"counts": {"empty": "3"}}, "count of 'empty' must be an integer"),
+        ({"counts": {}, "notes": "one note"}, "'notes' a list"),
+    ],
+)
+def test_skip_report_from_dict_rejects_bad_content(
+    content: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        SkipReport.from_dict(content)

@@ -7,7 +7,7 @@ process share its pages instead of copying them through reference counting.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -265,6 +265,36 @@ class SkipReport:
             "examples": {reason: list(paths) for reason, paths in sorted(self.examples.items())},
             "notes": list(self.notes),
         }
+
+    @classmethod
+    def from_dict(cls, content: Mapping[str, Any]) -> SkipReport:
+        """Rebuild a report from the output of :meth:`to_dict`.
+
+        Raises:
+            ValueError: If ``content`` is not a mapping with a ``counts`` mapping of integers, or
+                its ``examples`` or ``notes`` have the wrong type.
+        """
+        counts = content.get("counts") if isinstance(content, Mapping) else None
+        if not isinstance(counts, Mapping):
+            raise ValueError(
+                f"A skip report needs a 'counts' mapping of reason to count, got {content!r}."
+            )
+        examples = content.get("examples") or {}
+        notes = content.get("notes") or []
+        if not isinstance(examples, Mapping) or not isinstance(notes, list):
+            raise ValueError(
+                "A skip report's 'examples' must be a mapping and its 'notes' a list, got "
+                f"{type(examples).__name__} and {type(notes).__name__}."
+            )
+        report = cls()
+        for reason, count in counts.items():
+            if isinstance(count, bool) or not isinstance(count, int):
+                raise ValueError(f"The count of {reason!r} must be an integer, got {count!r}.")
+            report.counts[str(reason)] = count
+        for reason, paths in examples.items():
+            report.examples[str(reason)] = [str(path) for path in paths]
+        report.notes = [str(note) for note in notes]
+        return report
 
 
 #: Effect of each skip reason on the data. Readers may add reasons not listed here.

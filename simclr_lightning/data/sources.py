@@ -9,6 +9,7 @@ they never reach a DataLoader worker.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -834,3 +835,84 @@ def read_face_sources(
         )
         parts.append(index)
     return FaceIndex.concat(parts), reports
+
+
+# ---------------------------------------------------------------------------------------------
+# Listing fingerprint
+# ---------------------------------------------------------------------------------------------
+
+
+class ListingFingerprint(NamedTuple):
+    """Digest of the files that the readers would read, computed from the folder listings alone.
+
+    Attributes:
+        digest: Hex BLAKE2b-128 digest of each listed file's path, size and modification time.
+        file_count: Number of files listed.
+    """
+
+    digest: str
+    file_count: int
+
+
+def fingerprint_face_sources(
+    utkface_root: PathLike | None = None,
+    ffhq_root: PathLike | None = None,
+    celeba_root: PathLike | None = None,
+) -> ListingFingerprint:
+    """Fingerprint the files that :func:`read_face_sources` reads, without opening any of them.
+
+    The folders are found as the readers find them, and each folder is listed with
+    :func:`os.scandir`. The digest covers every listed file (images and the files the readers
+    count as ignored) and the CelebA annotation files, by path, size and modification time in
+    nanoseconds. So it changes when a file is added, removed, resized or rewritten, but costs one
+    ``stat`` per file and no reads. A file rewritten with the same size within the file system's
+    timestamp resolution keeps the same digest.
+
+    Raises:
+        ValueError: If no root is given.
+        FileNotFoundError: If a root has no dataset folder, as the readers raise it.
+    """
+    if utkface_root is None and ffhq_root is None and celeba_root is None:
+        raise ValueError(
+            "No dataset root given: pass at least one of utkface_root, ffhq_root or celeba_root."
+        )
+    digest = hashlib.blake2b(digest_size=16)
+    file_count = 0
+    if utkface_root is not None:
+        digest.update(b"utkface\0")
+        for folder in find_utkface_folders(utkface_root):
+            file_count += _hash_listing(digest, folder)
+    if ffhq_root is not None:
+        digest.update(b"ffhq\0")
+        folder = find_ffhq_folder(ffhq_root)
+        file_count += _hash_listing(digest, folder)
+        for name in _list_dir(folder)[1]:
+            file_count += _hash_listing(digest, folder / name)
+    if celeba_root is not None:
+        digest.update(b"celeba\0")
+        files = find_celeba_files(celeba_root)
+        file_count += _hash_listing(digest, files.images)
+        for annotation in (files.identity, files.attributes, files.partition):
+            if annotation is not None:
+                _hash_entry(digest, str(annotation), os.stat(annotation))
+                file_count += 1
+    return ListingFingerprint(digest.hexdigest(), file_count)
+
+
+def _hash_listing(digest: hashlib.blake2b, folder: Path) -> int:
+    """Add the path, size and modification time of each file directly in ``folder``."""
+    entries: list[tuple[str, os.stat_result]] = []
+    with os.scandir(folder) as listing:
+        for entry in listing:
+            if entry.is_file():
+                entries.append((entry.path, entry.stat()))
+    entries.sort(key=lambda item: item[0])
+    digest.update(str(folder).encode("utf-8", "surrogateescape") + b"/\0")
+    for path, stat in entries:
+        _hash_entry(digest, path, stat)
+    return len(entries)
+
+
+def _hash_entry(digest: hashlib.blake2b, path: str, stat: os.stat_result) -> None:
+    digest.update(path.encode("utf-8", "surrogateescape"))
+    digest.update(f"\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("ascii"))
