@@ -11,7 +11,12 @@ import torch
 from conftest import write_image
 from PIL import Image
 
-from simclr_lightning.data.datasets import MAX_SUBSTITUTIONS, LabeledDataset, PretrainDataset
+from simclr_lightning.data.datasets import (
+    MAX_SUBSTITUTIONS,
+    LabeledDataset,
+    PretrainDataset,
+    UInt8PretrainDataset,
+)
 from simclr_lightning.data.images import FileImages
 from simclr_lightning.data.index import FaceIndex
 from simclr_lightning.data.transforms import (
@@ -115,3 +120,28 @@ def test_pretrain_dataset_passes_pil_image(tmp_path: Path) -> None:
 
     assert isinstance(views[0], Image.Image)
     assert views[0].size == (16, 16)
+
+
+def test_uint8_pretrain_dataset_item(tmp_path: Path) -> None:
+    images = _file_images(tmp_path, 3)
+    dataset = UInt8PretrainDataset(images, np.array([4, -1, 1]))
+
+    item = dataset[2]
+
+    expected = torch.from_numpy(np.array(images.load(2))).permute(2, 0, 1)
+    assert item["image"].dtype == torch.uint8
+    assert item["image"].shape == (3, 16, 16)
+    assert torch.equal(item["image"], expected)
+    assert item["target"].dtype == torch.int64
+    assert int(item["target"]) == 1
+
+
+def test_uint8_pretrain_dataset_substitutes_broken_file(tmp_path: Path) -> None:
+    images = _file_images(tmp_path, 3)
+    Path(images.index.path(0)).write_bytes(b"changed after indexing")
+    dataset = UInt8PretrainDataset(images, np.array([5, 6, 7]))
+
+    item = dataset[0]
+
+    assert int(item["target"]) == 6
+    assert dataset.failure_count == 1

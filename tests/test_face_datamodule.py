@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 from conftest import CelebATree, UTKFaceTree, utkface_name, write_image
 
+from simclr_lightning.data import sources
 from simclr_lightning.data.face_datamodule import FaceDataModule
+from simclr_lightning.data.images import ImageCheck, inspect_image
 from simclr_lightning.data.index import SOURCE_CELEBA
+from simclr_lightning.data.index_file import CACHE_KEY_FIELD, FaceIndexRequest
 from simclr_lightning.data.sources import read_face_sources
 from simclr_lightning.data.splits import unique_by_hash
 from simclr_lightning.data.transforms import SimCLRAugmentation
+from simclr_lightning.models.simclr import SimCLRModule
 
 LABELED_KEYS = {"image", "target", "race", "gender", "index"}
 
@@ -277,6 +285,341 @@ def test_missing_folder_error_at_setup(tmp_path: Path) -> None:
         module.setup("fit")
 
 
+# ---------------------------------------------------------------------------------------------
+# Index file
+# ---------------------------------------------------------------------------------------------
+
+
+class InspectCounter:
+    """Counts the calls of ``inspect_image`` made by the source readers."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, path: str) -> ImageCheck:
+        with self._lock:
+            self.calls += 1
+        return inspect_image(path)
+
+
+@pytest.fixture
+def inspect_counter(monkeypatch: pytest.MonkeyPatch) -> InspectCounter:
+    counter = InspectCounter()
+    monkeypatch.setattr(sources, "inspect_image", counter)
+    return counter
+
+
+def _index_files(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.glob("face_index-*"))
+
+
+def test_prepare_data_writes_index_once(
+    all_roots: dict[str, str], tmp_path: Path, inspect_counter: InspectCounter
+) -> None:
+    store = tmp_path / "store"
+    _module(**all_roots, index_dir=str(store)).prepare_data()
+    calls_to_build = inspect_counter.calls
+    _module(**all_roots, index_dir=str(store)).prepare_data()
+
+    assert calls_to_build > 0
+    assert inspect_counter.calls == calls_to_build
+    assert len(_index_files(store)) == 2
+    assert _index_files(store)[0].endswith(".json")
+    assert _index_files(store)[1].endswith(".npz")
+
+
+def test_setup_after_prepare_decodes_nothing(
+    all_roots: dict[str, str],
+    tmp_path: Path,
+    inspect_counter: InspectCounter,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _module(**all_roots, index_dir=str(tmp_path / "store")).prepare_data()
+    calls_after_prepare = inspect_counter.calls
+    module = _module(**all_roots, index_dir=str(tmp_path / "store"))
+
+    with caplog.at_level(logging.INFO):
+        module.setup("fit")
+
+    assert inspect_counter.calls == calls_after_prepare
+    assert "Read the face index" in caplog.text
+    assert module.rows["pretrain"].size > 0
+
+
+def test_setup_builds_missing_index(
+    utkface_tree: UTKFaceTree, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    module = _module(utkface_root=str(utkface_tree.root), index_dir=str(tmp_path / "store"))
+
+    with caplog.at_level(logging.INFO):
+        module.setup("fit")
+
+    assert "No face index file" in caplog.text
+    assert "Built the face index" in caplog.text
+    assert len(_index_files(tmp_path / "store")) == 2
+
+
+def test_default_index_dir_next_to_root(utkface_tree: UTKFaceTree) -> None:
+    _module(utkface_root=str(utkface_tree.root)).prepare_data()
+
+    # utkface_tree.root is tmp_path / "utkface", so its parent is tmp_path.
+    folder = utkface_tree.root.parent / "simclr-lightning-index"
+    assert len(_index_files(folder)) == 2
+
+
+def _change_utkface(utkface_tree: UTKFaceTree, change: str) -> None:
+    target = utkface_tree.folder / utkface_name(22, 1, 2, 23)
+    if change == "add":
+        write_image(utkface_tree.folder / utkface_name(70, 1, 3, 888), 888)
+    elif change == "remove":
+        target.unlink()
+    else:
+        # Same size, new bytes: only the new modification time changes the listing fingerprint.
+        stat = target.stat()
+        target.write_bytes(bytes(reversed(target.read_bytes())))
+        os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+
+
+@pytest.mark.parametrize("change", ["add", "remove", "rewrite"])
+def test_index_rebuilt_after_file_change(
+    utkface_tree: UTKFaceTree, tmp_path: Path, inspect_counter: InspectCounter, change: str
+) -> None:
+    store = tmp_path / "store"
+    first = _module(utkface_root=str(utkface_tree.root), index_dir=str(store))
+    first.setup("fit")
+    calls_before = inspect_counter.calls
+
+    _change_utkface(utkface_tree, change)
+    second = _module(utkface_root=str(utkface_tree.root), index_dir=str(store))
+    second.setup("fit")
+    assert first.index is not None
+    assert second.index is not None
+
+    assert inspect_counter.calls > calls_before
+    assert len(_index_files(store)) == 4
+    expected_rows = {"add": 1, "remove": -1, "rewrite": -1}[change]
+    # The reversed bytes are no longer a JPEG, so the rewritten file is left out.
+    assert len(second.index) == len(first.index) + expected_rows
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"celeba_one_per_identity": False},
+        {"seed": 3},
+        {"celeba_partition": "train"},
+        {"task": "gender", "celeba_gender_labels": True},
+    ],
+)
+def test_index_rebuilt_after_option_change(
+    celeba_tree: CelebATree,
+    tmp_path: Path,
+    inspect_counter: InspectCounter,
+    options: dict[str, Any],
+) -> None:
+    store = str(tmp_path / "store")
+    _module(celeba_root=str(celeba_tree.root), index_dir=store).prepare_data()
+    calls_before = inspect_counter.calls
+
+    _module(celeba_root=str(celeba_tree.root), index_dir=store, **options).prepare_data()
+
+    assert inspect_counter.calls > calls_before
+    assert len(_index_files(tmp_path / "store")) == 4
+
+
+def test_index_kept_after_split_option_change(
+    utkface_tree: UTKFaceTree, tmp_path: Path, inspect_counter: InspectCounter
+) -> None:
+    store = str(tmp_path / "store")
+    _module(utkface_root=str(utkface_tree.root), index_dir=store).prepare_data()
+    calls_before = inspect_counter.calls
+
+    # The seed and the fractions change the split, not the index of a UTKFace-only request.
+    changed = _module(
+        utkface_root=str(utkface_tree.root), index_dir=store, seed=4, val_fraction=0.5
+    )
+    changed.setup("fit")
+
+    assert inspect_counter.calls == calls_before
+    assert len(_index_files(tmp_path / "store")) == 2
+
+
+def test_index_rebuilt_when_deleted(
+    utkface_tree: UTKFaceTree, tmp_path: Path, inspect_counter: InspectCounter
+) -> None:
+    store = tmp_path / "store"
+    _module(utkface_root=str(utkface_tree.root), index_dir=str(store)).prepare_data()
+    calls_before = inspect_counter.calls
+    for path in store.glob("face_index-*"):
+        path.unlink()
+
+    module = _module(utkface_root=str(utkface_tree.root), index_dir=str(store))
+    module.setup("fit")
+
+    assert inspect_counter.calls == 2 * calls_before
+    assert len(_index_files(store)) == 2
+
+
+def test_loaded_index_gives_identical_splits(all_roots: dict[str, str], tmp_path: Path) -> None:
+    options: dict[str, Any] = {"val_fraction": 0.4, "test_fraction": 0.3, "seed": 2}
+    built = _module(**all_roots, index_dir=str(tmp_path / "store"), **options)
+    built.setup("fit")
+    loaded = _module(**all_roots, index_dir=str(tmp_path / "store"), **options)
+    loaded.setup("fit")
+    assert built.report is not None
+    assert loaded.report is not None
+
+    assert set(loaded.rows) == set(built.rows)
+    for name, rows in built.rows.items():
+        assert np.array_equal(loaded.rows[name], rows), name
+    assert loaded.report.to_dict() == built.report.to_dict()
+
+
+def test_setup_takes_index_from_matching_cache(
+    all_roots: dict[str, str], tmp_path: Path, inspect_counter: InspectCounter
+) -> None:
+    _prepare(all_roots, tmp_path / "cache", 16)
+    request = FaceIndexRequest.create(
+        all_roots["utkface_root"], all_roots["ffhq_root"], all_roots["celeba_root"]
+    )
+    meta_path = tmp_path / "cache" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta[CACHE_KEY_FIELD] = request.key(request.fingerprint())
+    meta_path.write_text(json.dumps(meta))
+    calls_before = inspect_counter.calls
+
+    module = _module(
+        **all_roots, index_dir=str(tmp_path / "store"), cache_dir=str(tmp_path / "cache")
+    )
+    module.setup("fit")
+
+    assert inspect_counter.calls == calls_before
+    assert not (tmp_path / "store").exists()
+    assert module.report is not None
+    assert module.report.duplicates_removed == 0
+    assert any("prepared cache" in note for note in module.report.notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device augmentation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_augment_on_device_batch_format(all_roots: dict[str, str], tmp_path: Path) -> None:
+    module = _module(**all_roots, index_dir=str(tmp_path / "store"), augment_on_device=True)
+    module.setup("fit")
+
+    batch = next(iter(module.train_dataloader()))
+
+    assert set(batch) == {"image", "target"}
+    assert batch["image"].dtype == torch.uint8
+    assert batch["image"].shape == (4, 3, 16, 16)
+    assert batch["target"].dtype == torch.int64
+    assert batch["target"].shape == (4,)
+    assert module.augmentation == SimCLRAugmentation(image_size=16)
+
+
+def test_augment_on_device_pixels_match_cache(all_roots: dict[str, str], tmp_path: Path) -> None:
+    from simclr_lightning.data.cache import PreparedCache
+
+    _prepare(all_roots, tmp_path / "cache", 16)
+    module = _module(
+        **all_roots,
+        index_dir=str(tmp_path / "store"),
+        cache_dir=str(tmp_path / "cache"),
+        augment_on_device=True,
+    )
+    module.setup("fit")
+    index = module.index
+    assert index is not None
+
+    dataset = module.train_dataloader().dataset
+    first_row = int(module.rows["pretrain"][0])
+    cache = PreparedCache.open(tmp_path / "cache")
+    cache_row = int(np.flatnonzero(cache.index.content_hash == index.content_hash[first_row])[0])
+    item = dataset[0]
+
+    expected = torch.from_numpy(np.array(cache.images[cache_row])).permute(2, 0, 1)
+    assert torch.equal(item["image"], expected)
+    assert int(item["target"]) == int(index.race[first_row])
+
+
+def test_augment_on_device_keeps_val_loaders(all_roots: dict[str, str], tmp_path: Path) -> None:
+    module = _module(**all_roots, index_dir=str(tmp_path / "store"), augment_on_device=True)
+    module.setup("fit")
+    loaders = module.val_dataloader()
+    assert isinstance(loaders, list)
+
+    batch = next(iter(loaders[0]))
+
+    assert set(batch) == LABELED_KEYS
+    assert batch["image"].dtype == torch.float32
+
+
+def test_augment_on_device_trains_one_step(all_roots: dict[str, str], tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    data = _module(
+        **all_roots, index_dir=str(tmp_path / "store"), augment_on_device=True, online_eval=False
+    )
+    model = SimCLRModule(
+        backbone="resnet18",
+        small_stem=True,
+        gpu_augment=True,
+        num_classes=0,
+        warmup_steps=1,
+    )
+    trainer = pl.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=str(tmp_path),
+    )
+
+    trainer.fit(model, datamodule=data)
+
+    assert trainer.global_step == 1
+    assert model.batch_augment is not None
+    assert model.batch_augment.augmentation == data.augmentation
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_augment_on_device_needs_gpu_augment(all_roots: dict[str, str], tmp_path: Path) -> None:
+    data = _module(
+        **all_roots, index_dir=str(tmp_path / "store"), augment_on_device=True, online_eval=False
+    )
+    model = SimCLRModule(backbone="resnet18", small_stem=True, num_classes=0)
+    trainer = pl.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
+
+    with pytest.raises(ValueError, match="gpu_augment=False"):
+        trainer.fit(model, datamodule=data)
+
+
+def test_augment_on_device_ignored_in_finetune(utkface_tree: UTKFaceTree) -> None:
+    with pytest.warns(UserWarning, match="ignored in fine-tuning mode"):
+        module = _module(
+            utkface_root=str(utkface_tree.root), mode="finetune", augment_on_device=True
+        )
+    module.setup("fit")
+
+    batch = next(iter(module.train_dataloader()))
+
+    assert module.augment_on_device is False
+    assert batch["image"].dtype == torch.float32
+
+
 def _prepare(roots: dict[str, str], out_dir: Path, image_size: int) -> None:
     from simclr_lightning.data.cache import prepare_cache
 
@@ -335,9 +678,10 @@ def test_absent_cache_falls_back(utkface_tree: UTKFaceTree, tmp_path: Path) -> N
 
 
 @pytest.mark.real_data
-def test_real_samples_finetune_splits_keep_every_class(shared_data: Path) -> None:
+def test_real_samples_finetune_splits_keep_every_class(shared_data: Path, tmp_path: Path) -> None:
     module = _module(
         utkface_root=str(shared_data / "utkface"),
+        index_dir=str(tmp_path),
         mode="finetune",
         val_fraction=0.5,
         test_fraction=0.2,
@@ -353,11 +697,12 @@ def test_real_samples_finetune_splits_keep_every_class(shared_data: Path) -> Non
 
 
 @pytest.mark.real_data
-def test_real_samples_pretrain_pool(shared_data: Path) -> None:
+def test_real_samples_pretrain_pool(shared_data: Path, tmp_path: Path) -> None:
     module = _module(
         utkface_root=str(shared_data / "utkface"),
         ffhq_root=str(shared_data / "ffhq"),
         celeba_root=str(shared_data / "celeba"),
+        index_dir=str(tmp_path),
     )
     module.setup("fit")
     assert module.report is not None
@@ -366,3 +711,27 @@ def test_real_samples_pretrain_pool(shared_data: Path) -> None:
     pool = module.rows["pretrain"]
     assert pool.size == 3001 + 113 + 200 - module.report.duplicates_removed
     assert len(module.val_dataloader()) == 2
+
+
+@pytest.mark.real_data
+def test_real_samples_warm_setup_decodes_nothing(
+    shared_data: Path, tmp_path: Path, inspect_counter: InspectCounter
+) -> None:
+    roots = {
+        "utkface_root": str(shared_data / "utkface"),
+        "ffhq_root": str(shared_data / "ffhq"),
+        "celeba_root": str(shared_data / "celeba"),
+        "index_dir": str(tmp_path),
+    }
+    cold = _module(**roots)
+    cold.prepare_data()
+    cold.setup("fit")
+    calls_to_build = inspect_counter.calls
+    warm = _module(**roots)
+    warm.setup("fit")
+
+    # One decode per UTKFace and FFHQ file, and per chosen CelebA image (200 identities).
+    assert calls_to_build == 3001 + 113 + 200
+    assert inspect_counter.calls == calls_to_build
+    for name, rows in cold.rows.items():
+        assert np.array_equal(warm.rows[name], rows), name

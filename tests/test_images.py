@@ -14,11 +14,13 @@ from PIL import Image
 from simclr_lightning.data.images import (
     FileImages,
     ImageSource,
+    SubsetArrayImages,
     SubsetImages,
     center_crop_resize,
     check_image,
     inspect_image,
     load_rgb,
+    subset_images,
     to_rgb,
 )
 from simclr_lightning.data.index import FaceIndex
@@ -253,6 +255,39 @@ def test_subset_images_rejects_out_of_range_rows(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match=r"rows must lie in \[0, 1\)"):
         SubsetImages(images, np.array([1]))
+
+
+class _ArrayImages:
+    """An image source of 4 constant images, image ``i`` filled with the value ``i``."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def load(self, i: int) -> Image.Image:
+        return Image.fromarray(self.load_array(i))
+
+    def load_array(self, i: int) -> np.ndarray:
+        return np.full((2, 2, 3), i, dtype=np.uint8)
+
+
+def test_subset_images_keeps_load_array() -> None:
+    subset = subset_images(_ArrayImages(), np.array([3, 0, 2]))
+    nested = subset_images(subset, np.array([2, 0]))
+
+    assert isinstance(subset, SubsetArrayImages)
+    assert isinstance(nested, SubsetArrayImages)
+    assert int(subset.load_array(0)[0, 0, 0]) == 3
+    assert int(nested.load_array(0)[0, 0, 0]) == 2
+    assert int(nested.load_array(1)[0, 0, 0]) == 3
+
+
+def test_subset_images_of_files_has_no_load_array(tmp_path: Path) -> None:
+    images = FileImages(_index_of([write_image(tmp_path / "a.jpg", 1)]), None)
+
+    subset = subset_images(images, np.array([0]))
+
+    assert not isinstance(subset, SubsetArrayImages)
+    assert not hasattr(subset, "load_array")
 
 
 def test_image_bytes_fixture_differs_by_seed() -> None:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from torch import Tensor
 from torch.utils.data import Dataset
 
+from simclr_lightning.data.gpu_augment import UInt8ImageDataset
 from simclr_lightning.data.images import ImageSource
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,8 @@ _LOAD_ERRORS: tuple[type[BaseException], ...] = (
     Image.DecompressionBombError,
 )
 
+Item = TypeVar("Item")
+
 
 class _SubstitutingDataset(Dataset):
     """Base class that loads row ``i`` of an image source, or a deterministic substitute."""
@@ -51,7 +55,11 @@ class _SubstitutingDataset(Dataset):
         return len(self.images)
 
     def _load(self, i: int) -> tuple[Image.Image, int]:
-        """Return the image of row ``i`` and its row number, or those of the next readable row.
+        """Return the image of row ``i`` and its row number, or those of the next readable row."""
+        return self._read(i, self.images.load)
+
+    def _read(self, i: int, read: Callable[[int], Item]) -> tuple[Item, int]:
+        """Return ``read(i)`` and ``i``, or ``read`` and the row number of the next readable row.
 
         Substitutes are the rows ``i + 1``, ``i + 2``, ... (wrapping around), so every epoch and
         every worker picks the same one. Rows that failed once are not retried in this process.
@@ -64,7 +72,7 @@ class _SubstitutingDataset(Dataset):
             if row in self._failed_rows:
                 continue
             try:
-                return self.images.load(row), row
+                return read(row), row
             except _LOAD_ERRORS as error:
                 self._record_failure(row, error)
         raise RuntimeError(
@@ -112,6 +120,28 @@ class PretrainDataset(_SubstitutingDataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         image, row = self._load(i)
         return {"views": self.transform(image), "target": int(self.targets[row])}
+
+
+class UInt8PretrainDataset(_SubstitutingDataset):
+    """Un-augmented uint8 images for SimCLR views built on the device.
+
+    Items are those of :class:`~simclr_lightning.data.gpu_augment.UInt8ImageDataset`,
+    ``{"image": uint8 Tensor(3, S, S), "target": int64 scalar}``, with the target of the row
+    actually loaded. Sources with a ``load_array`` method, such as a prepared cache, are read
+    without a PIL image.
+
+    Args:
+        images: Image source of the pretraining pool, at the working size.
+        targets: Task label per image, -1 when unknown.
+    """
+
+    def __init__(self, images: ImageSource, targets: np.ndarray) -> None:
+        self.items = UInt8ImageDataset(images, targets)
+        super().__init__(images, len(self.items))
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        item, _ = self._read(i, self.items.__getitem__)
+        return item
 
 
 class LabeledDataset(_SubstitutingDataset):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Literal
 
 import numpy as np
@@ -12,8 +13,8 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from simclr_lightning.data.datasets import LabeledDataset, PretrainDataset
-from simclr_lightning.data.images import FileImages, ImageSource, SubsetImages
+from simclr_lightning.data.datasets import LabeledDataset, PretrainDataset, UInt8PretrainDataset
+from simclr_lightning.data.images import FileImages, ImageSource, subset_images
 from simclr_lightning.data.index import (
     GENDER_NAMES,
     RACE_NAMES,
@@ -23,8 +24,8 @@ from simclr_lightning.data.index import (
     FaceIndex,
     SkipReport,
 )
+from simclr_lightning.data.index_file import FaceIndexRequest, load_or_build_face_index
 from simclr_lightning.data.report import DataReport
-from simclr_lightning.data.sources import read_face_sources
 from simclr_lightning.data.splits import (
     LabeledSplit,
     conflicting_label_mask,
@@ -49,10 +50,13 @@ Partition = Literal["train", "val", "test"]
 class FaceDataModule(LightningDataModule):
     """Face images for SimCLR pretraining (``mode="pretrain"``) or fine-tuning (``"finetune"``).
 
-    ``setup`` reads the dataset roots (see :mod:`simclr_lightning.data.sources`), splits the
-    labeled rows with :func:`~simclr_lightning.data.splits.split_labeled` and builds the
-    datasets. The split is seeded and identical on every rank and every call. ``prepare_data``
-    does nothing, because nothing is downloaded.
+    ``prepare_data``, which Lightning runs once per node before ``setup``, reads the dataset roots
+    (see :mod:`simclr_lightning.data.sources`) and saves the face index in an index file (see
+    :mod:`simclr_lightning.data.index_file`), unless an index file of the same roots, options and
+    file listing exists. ``setup`` then reads that file on every rank, or builds the index itself
+    when the file is missing. It splits the labeled rows with
+    :func:`~simclr_lightning.data.splits.split_labeled` and builds the datasets. The split is seeded
+    and identical on every rank and every call. Nothing is downloaded.
 
     Labeled rows are the UTKFace images with both a race and a gender label, plus, for the gender
     task with ``celeba_gender_labels=True``, the CelebA images with a gender label.
@@ -69,6 +73,11 @@ class FaceDataModule(LightningDataModule):
     In fine-tuning mode only labeled rows are read. The training loader uses the light
     fine-tuning augmentation, and the validation, test and predict loaders use the evaluation
     transform.
+
+    With ``augment_on_device=True`` in pretraining mode, the training loader yields un-augmented
+    batches ``{"image": uint8 Tensor(B, 3, S, S), "target": LongTensor(B)}`` at
+    ``S = image_size``, which ``SimCLRModule(gpu_augment=True)`` turns into the two views on the
+    device with the settings in ``augmentation``.
 
     Args:
         utkface_root: UTKFace folder or its parent.
@@ -92,6 +101,10 @@ class FaceDataModule(LightningDataModule):
             labeled set of the gender task.
         cache_dir: Prepared cache folder to read pixels from instead of decoding files. Files are
             read when the cache is missing, incomplete, of another image size or lacks images.
+            The index is taken from the cache when the cache records the same index key.
+        index_dir: Folder of the face index files. ``None`` uses a ``simclr-lightning-index``
+            folder next to the first root when that is writable, else
+            ``~/.cache/simclr-lightning/face_index`` (``$XDG_CACHE_HOME`` when set).
         augmentation: SimCLR augmentation settings, or ``None`` for
             ``SimCLRAugmentation(image_size=image_size)``.
         online_eval: Build the online-evaluation loaders in pretraining mode.
@@ -99,6 +112,9 @@ class FaceDataModule(LightningDataModule):
             with ``seed`` when a split is larger.
         pin_memory: Pin batches in page-locked memory when CUDA is available.
         persistent_workers: Keep workers alive between epochs when ``num_workers > 0``.
+        augment_on_device: In pretraining mode, yield uint8 training batches for the device
+            augmentation of ``SimCLRModule(gpu_augment=True)`` instead of augmented views. Ignored,
+            with a warning, in fine-tuning mode.
 
     Raises:
         ValueError: If no root is given, fine-tuning has no labeled source, or an argument is out
@@ -128,6 +144,8 @@ class FaceDataModule(LightningDataModule):
         online_eval_max_images: int = 2000,
         pin_memory: bool = True,
         persistent_workers: bool = True,
+        index_dir: str | None = None,
+        augment_on_device: bool = False,
     ) -> None:
         super().__init__()
         _check_arguments(
@@ -164,6 +182,13 @@ class FaceDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.cache_dir = cache_dir
+        self.index_dir = index_dir
+        if augment_on_device and mode != "pretrain":
+            rank_zero_warn(
+                "augment_on_device only changes the pretraining loader, so it is ignored in "
+                "fine-tuning mode."
+            )
+        self.augment_on_device = augment_on_device and mode == "pretrain"
         self.augmentation = augmentation or SimCLRAugmentation(image_size=image_size)
         self.online_eval = online_eval
         self.online_eval_max_images = online_eval_max_images
@@ -176,19 +201,26 @@ class FaceDataModule(LightningDataModule):
         self.report: DataReport | None = None
         self.split: LabeledSplit | None = None
         self.rows: dict[str, np.ndarray] = {}
-        self._datasets: dict[str, PretrainDataset | LabeledDataset] = {}
+        self._datasets: dict[str, PretrainDataset | UInt8PretrainDataset | LabeledDataset] = {}
 
     @staticmethod
     def _celeba_labeled(celeba_root: str | None, task: str, celeba_gender_labels: bool) -> bool:
         return celeba_root is not None and task == "gender" and celeba_gender_labels
 
     def prepare_data(self) -> None:
-        """Do nothing: the datasets are user-supplied folders and nothing is downloaded."""
+        """Build and save the face index file, unless an up-to-date one or a matching cache exists.
+
+        Lightning calls this on local rank 0 of each node, before ``setup`` runs on any rank, so
+        the images are decoded and hashed once per node instead of once per process.
+        """
+        request, _ = self._index_request()
+        load_or_build_face_index(request, index_dir=self.index_dir, cache_dir=self.cache_dir)
 
     def setup(self, stage: str | None = None) -> None:
-        """Read the roots, split the labeled rows and build the datasets, once per instance."""
+        """Read the face index, split the labeled rows and build the datasets, once per instance."""
         if self.index is not None:
             return
+        started = time.perf_counter()
         index, skipped, notes = self._read_index()
         labeled = self._labeled_rows(index, skipped, notes)
         split = self._split(index, labeled, notes)
@@ -225,8 +257,19 @@ class FaceDataModule(LightningDataModule):
         self.report.log()
         self._build_datasets(index, rows)
         self.index, self.split, self.rows = index, split, rows
+        rank_zero_info(f"FaceDataModule setup took {time.perf_counter() - started:.2f} s.")
 
     def _read_index(self) -> tuple[FaceIndex, dict[str, SkipReport], list[str]]:
+        request, notes = self._index_request()
+        for note in notes:
+            rank_zero_info(note)
+        stored = load_or_build_face_index(
+            request, index_dir=self.index_dir, cache_dir=self.cache_dir
+        )
+        return stored.index, stored.skipped, notes + stored.notes
+
+    def _index_request(self) -> tuple[FaceIndexRequest, list[str]]:
+        """Return the roots and reader options of this mode and task, and notes on unread roots."""
         notes: list[str] = []
         ffhq_root, celeba_root = self.ffhq_root, self.celeba_root
         gender_labels = self._celeba_labeled(
@@ -244,10 +287,7 @@ class FaceDataModule(LightningDataModule):
                 celeba_root = None
         elif self.hparams["celeba_gender_labels"] and not gender_labels:
             notes.append("celeba_gender_labels is ignored because the task is race.")
-        for note in notes:
-            rank_zero_info(note)
-        # NOTE: every rank decodes and hashes every file here, even when a prepared cache exists.
-        index, skipped = read_face_sources(
+        request = FaceIndexRequest.create(
             self.utkface_root,
             ffhq_root,
             celeba_root,
@@ -256,7 +296,7 @@ class FaceDataModule(LightningDataModule):
             celeba_gender_labels=gender_labels,
             seed=self.seed,
         )
-        return index, skipped, notes
+        return request, notes
 
     def _labeled_rows(
         self, index: FaceIndex, skipped: dict[str, SkipReport], notes: list[str]
@@ -322,8 +362,11 @@ class FaceDataModule(LightningDataModule):
         targets = index.race if self.task == "race" else index.gender
         eval_transform = build_eval_transform(self.image_size)
         for name, split_rows in rows.items():
-            subset = SubsetImages(images, split_rows)
+            subset = subset_images(images, split_rows)
             split_targets = targets[split_rows]
+            if name == "pretrain" and self.augment_on_device:
+                self._datasets[name] = UInt8PretrainDataset(subset, split_targets)
+                continue
             if name == "pretrain":
                 transform = build_simclr_transform(self.augmentation)
                 self._datasets[name] = PretrainDataset(subset, split_targets, transform)
@@ -336,7 +379,7 @@ class FaceDataModule(LightningDataModule):
         if self.mode == "pretrain":
             pool = rows["pretrain"]
             self._datasets["predict"] = LabeledDataset(
-                SubsetImages(images, pool),
+                subset_images(images, pool),
                 targets[pool],
                 index.race[pool],
                 index.gender[pool],
@@ -374,7 +417,7 @@ class FaceDataModule(LightningDataModule):
             )
             return files
         rank_zero_info(f"Reading {len(index)} images from the prepared cache {self.cache_dir}.")
-        return SubsetImages(CachedImages(cache), rows)
+        return subset_images(CachedImages(cache), rows)
 
     def train_targets(self) -> np.ndarray:
         """Return the task labels of the fine-tuning split (for class weights), running setup."""
@@ -388,6 +431,8 @@ class FaceDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self._require_index()
         if self.mode == "pretrain":
+            if self.augment_on_device:
+                self._check_device_augmentation()
             dataset = self._datasets["pretrain"]
             if len(dataset) < self.batch_size:
                 raise ValueError(
@@ -421,6 +466,17 @@ class FaceDataModule(LightningDataModule):
         if self.mode == "pretrain":
             return self._eval_loader("predict")
         return self._eval_loader("test" if "test" in self._datasets else "val")
+
+    def _check_device_augmentation(self) -> None:
+        """Raise when the attached module declares ``gpu_augment=False`` and so expects views."""
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer else None
+        hparams = getattr(module, "hparams", {})
+        if "gpu_augment" in hparams and not hparams["gpu_augment"]:
+            raise ValueError(
+                "augment_on_device=True yields uint8 images without views, but the module has "
+                "gpu_augment=False. Pass gpu_augment=True to SimCLRModule, or "
+                "augment_on_device=False to FaceDataModule."
+            )
 
     def _require_index(self) -> FaceIndex:
         if self.index is None:

@@ -287,3 +287,31 @@ class SubsetImages:
 
     def load(self, i: int) -> Image.Image:
         return self.images.load(int(self.rows[i]))
+
+
+@runtime_checkable
+class ArrayImageSource(ImageSource, Protocol):
+    """An image source that also returns each image as an (S, S, 3) uint8 array, without PIL."""
+
+    def load_array(self, i: int) -> np.ndarray:
+        """Return image ``i`` as an (S, S, 3) uint8 array."""
+        ...
+
+
+class SubsetArrayImages(SubsetImages):
+    """A view of some rows of an :class:`ArrayImageSource`, which keeps ``load_array``."""
+
+    images: ArrayImageSource
+
+    def __init__(self, images: ArrayImageSource, rows: np.ndarray) -> None:
+        super().__init__(images, rows)
+
+    def load_array(self, i: int) -> np.ndarray:
+        return self.images.load_array(int(self.rows[i]))
+
+
+def subset_images(images: ImageSource, rows: np.ndarray) -> SubsetImages:
+    """Return a view of the rows ``rows`` of ``images``, with ``load_array`` when it has one."""
+    if isinstance(images, ArrayImageSource):
+        return SubsetArrayImages(images, rows)
+    return SubsetImages(images, rows)
