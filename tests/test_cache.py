@@ -20,6 +20,7 @@ from simclr_lightning.data.cache import (
 )
 from simclr_lightning.data.images import ImageSource, hash_bytes
 from simclr_lightning.data.index import SOURCE_FFHQ, FaceIndex
+from tests.conftest import UTKFaceTree
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -331,3 +332,38 @@ def test_prepare_cache_resume_without_images_rebuilds(tmp_path: Path, index: Fac
     cache = PreparedCache.open(tmp_path / "cache")
     assert cache.meta["done_count"] == 70
     assert np.array_equal(cache.images[0], _expected_pixels(Path(index.path(0)), 16))
+
+
+def test_prepare_main_records_index_key(tmp_path: Path, utkface_tree: UTKFaceTree) -> None:
+    from simclr_lightning.data.face_datamodule import FaceDataModule
+
+    out = tmp_path / "cache"
+    status = prepare_main(
+        [
+            "--utkface-root",
+            str(utkface_tree.root),
+            "--out",
+            str(out),
+            "--image-size",
+            "16",
+            "--workers",
+            "1",
+            "--no-progress",
+        ]
+    )
+    assert status == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["face_index_key"]
+
+    datamodule = FaceDataModule(
+        utkface_root=str(utkface_tree.root),
+        mode="pretrain",
+        image_size=16,
+        batch_size=4,
+        num_workers=0,
+        cache_dir=str(out),
+        index_dir=str(tmp_path / "index"),
+    )
+    datamodule.setup("fit")
+    # The index came from the cache, so no index file was written.
+    assert not list((tmp_path / "index").glob("face_index-*"))

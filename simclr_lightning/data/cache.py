@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from simclr_lightning.data.images import center_crop_resize, load_rgb
 from simclr_lightning.data.index import SOURCES, FaceIndex
+from simclr_lightning.data.index_file import CACHE_KEY_FIELD, FaceIndexRequest
 
 log = logging.getLogger(__name__)
 
@@ -616,6 +617,9 @@ def prepare_main(argv: Sequence[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        request = _index_request(args)
+        # Listed before reading, so a file changed during the build changes the key.
+        index_key = request.key(request.fingerprint())
         index, report = _build_deduplicated_index(args)
         prepare_cache(
             index,
@@ -630,8 +634,28 @@ def prepare_main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", error)
         return 1
     _write_json_atomic(args.out / "prepare_report.json", report)
+    _record_index_key(args.out, index_key)
     log.info("Wrote the prepared cache of %d images to %s.", len(index), args.out)
     return 0
+
+
+def _index_request(args: argparse.Namespace) -> FaceIndexRequest:
+    """The FaceDataModule index request that the roots and options in ``args`` stand for."""
+    return FaceIndexRequest.create(
+        args.utkface_root,
+        args.ffhq_root,
+        args.celeba_root,
+        celeba_one_per_identity=not args.celeba_all_images,
+        celeba_gender_labels=args.celeba_gender_labels,
+        seed=args.seed,
+    )
+
+
+def _record_index_key(cache_dir: Path, key: str) -> None:
+    """Store the index key in ``meta.json`` so FaceDataModule can take its index from the cache."""
+    meta = read_meta(cache_dir)
+    meta[CACHE_KEY_FIELD] = key
+    _write_json_atomic(cache_dir / META_FILE, meta)
 
 
 def _build_deduplicated_index(args: argparse.Namespace) -> tuple[FaceIndex, dict[str, Any]]:

@@ -351,8 +351,6 @@ def index_from_cache(cache_dir: PathLike, key: str) -> StoredIndex | None:
     """
     from simclr_lightning.data.cache import PreparedCache
 
-    # NOTE: `simclr-lightning prepare` does not record CACHE_KEY_FIELD yet, so until it does,
-    # no cache qualifies and the index is read from the index file or the images.
     try:
         cache = PreparedCache.open(cache_dir)
     except (FileNotFoundError, ValueError) as error:
