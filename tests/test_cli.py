@@ -36,6 +36,7 @@ EXPECTED_CONFIGS = {
     "multi_node",
     "cifar10_pretrain",
     "cifar10_linear",
+    "gpu_augment",
 }
 
 #: Overrides that turn any shipped config into a seconds-long CPU run on the fixtures.
@@ -91,6 +92,7 @@ def _face_roots(utkface_tree: UTKFaceTree) -> list[str]:
     [
         ("pretrain", ["pretrain_faces"], {"backbone": "resnet50", "temperature": 0.1}),
         ("pretrain", ["pretrain_faces", "cpu_small"], {"backbone": "resnet18"}),
+        ("pretrain", ["pretrain_faces", "gpu_augment"], {"gpu_augment": True}),
         ("finetune", ["finetune_race"], {"protocol": "finetune", "class_weights": "balanced"}),
         ("finetune", ["finetune_gender", "cpu_small"], {"backbone": "resnet18"}),
     ],
