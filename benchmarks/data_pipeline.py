@@ -22,7 +22,7 @@ results are printed and written as a section of ``docs/benchmarks.md``.
 
 Usage::
 
-    python benchmarks/data_pipeline.py --quick    # about 2 minutes on 2 cores
+    python benchmarks/data_pipeline.py --quick    # about a minute on 2 cores
     python benchmarks/data_pipeline.py
 """
 

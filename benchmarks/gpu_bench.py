@@ -60,14 +60,16 @@ GIB = 1024**3
 FIT_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--dry-run", action="store_true", help="Run on the CPU at tiny sizes to check the script."
     )
     parser.add_argument("--backbone", default="resnet50", help="ResNet of the throughput runs.")
     parser.add_argument("--image-size", type=int, default=128, help="Side of the views, in pixels.")
-    parser.add_argument("--batch-size", type=int, default=1024, help="Images per step (2 views).")
+    parser.add_argument(
+        "--batch-size", type=int, default=1024, help="Images per step, 2 views each."
+    )
     parser.add_argument("--steps", type=int, default=10, help="Timed steps per throughput run.")
     parser.add_argument("--warmup", type=int, default=3, help="Untimed steps before each run.")
     parser.add_argument("--images", type=int, default=8192, help="Rows of the synthetic array.")
@@ -86,7 +88,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--report", type=Path, default=None, help="Markdown file whose section to write."
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
     if args.dry_run:
         args.backbone = "resnet18"
         args.image_size = 16
@@ -451,6 +457,16 @@ def render(
         f"{gpu_workers(args)}. A DataLoader run warms up for at least one batch per worker and "
         "times at least two per worker, so prefetched batches do not inflate its rate.",
         "",
+    ]
+    lines += throughput_lines(throughput)
+    lines += ["", f"Memory fit at the same size, capped at {cap}:", ""]
+    lines += fit_lines(fits)
+    return "\n".join(lines)
+
+
+def throughput_lines(throughput: list[Throughput]) -> list[str]:
+    """Return the Markdown table of the throughput runs."""
+    lines = [
         "| run | images/s | time waiting for data | peak GPU memory (GiB) |",
         "|---|---|---|---|",
     ]
@@ -460,20 +476,18 @@ def render(
             f"| {result.name} | {result.images_per_second:,.0f} | "
             f"{result.data_wait_share:.0%} | {memory} |"
         )
-    lines += [
-        "",
-        f"Memory fit at the same size, capped at {cap}:",
-        "",
-        "| backbone | fits | peak GPU memory (GiB) |",
-        "|---|---|---|",
-    ]
+    return lines
+
+
+def fit_lines(fits: list[Fit]) -> list[str]:
+    """Return the Markdown table of the memory fit search and the largest ResNet that fits."""
+    lines = ["| backbone | fits | peak GPU memory (GiB) |", "|---|---|---|"]
     for fit in fits:
         memory = "n/a" if fit.peak_gib is None else f"{fit.peak_gib:.1f}"
         lines.append(f"| {fit.backbone} | {'yes' if fit.fits else 'no'} | {memory} |")
     fitting = [fit.backbone for fit in fits if fit.fits]
     largest = fitting[-1] if fitting else "none"
-    lines += ["", f"Largest ResNet that fits: {largest}.", ""]
-    return "\n".join(lines)
+    return lines + ["", f"Largest ResNet that fits: {largest}.", ""]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,8 +21,13 @@ LongTensor(B)}`` (see :class:`UInt8ImageDataset`), and :meth:`SimCLRBatchAugment
 turns one into the pretraining batch ``{"views": [Tensor(B, 3, s, s)] * 2, "target": ...}`` after
 it has been moved to the device.
 
+No step loops over samples. The colour jitter loops over its 4 positions and 4 operations, and the
+blur over its 6 passes, a fixed number of batched steps whatever the batch size.
+
 Known difference from lightly's PIL pipeline: every step here works in float32 where Pillow rounds
 to uint8 after each step, so pixels differ by a few 1/255 steps.
+
+NOTE: the tests run on the CPU only. The same code has not yet been run on a CUDA device.
 """
 
 from __future__ import annotations
