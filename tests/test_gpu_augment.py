@@ -166,6 +166,25 @@ def test_forward_under_autocast_stays_float32() -> None:
     assert views[0].dtype == torch.float32
 
 
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"blur_prob": 1.0, "cj_prob": 1.0, "gray_prob": 1.0},
+        {"min_scale": 1.0, "image_size": 24},
+    ],
+)
+def test_forward_keeps_work_on_images_device(changes: dict[str, float]) -> None:
+    # Tensors on the "meta" device have shapes but no data, and an op that mixes them with CPU
+    # tensors raises, as it would with CUDA tensors. This checks device placement without a GPU.
+    augmentation = SimCLRAugmentation(image_size=16).replace(**changes)
+    images = torch.zeros(4, 3, 24, 24, dtype=torch.uint8, device="meta")
+    views = SimCLRBatchAugment(augmentation, seed=0)(images)
+    for view in views:
+        assert view.device.type == "meta"
+        assert view.shape == (4, 3, augmentation.image_size, augmentation.image_size)
+
+
 def test_forward_rejects_channels_last_array() -> None:
     augment = SimCLRBatchAugment(SimCLRAugmentation(image_size=16))
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
@@ -176,6 +195,12 @@ def test_forward_rejects_integer_dtype() -> None:
     augment = SimCLRBatchAugment(SimCLRAugmentation(image_size=16))
     with pytest.raises(TypeError, match="uint8 or floating point"):
         augment(torch.zeros(2, 3, 20, 20, dtype=torch.int32))
+
+
+def test_forward_rejects_empty_batch() -> None:
+    augment = SimCLRBatchAugment(SimCLRAugmentation(image_size=16))
+    with pytest.raises(ValueError, match="empty batch"):
+        augment(torch.zeros(0, 3, 20, 20, dtype=torch.uint8))
 
 
 def test_init_rejects_hue_above_half() -> None:

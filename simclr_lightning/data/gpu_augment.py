@@ -32,6 +32,7 @@ NOTE: the tests run on the CPU only. The same code has not yet been run on a CUD
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -281,7 +282,7 @@ class SimCLRBatchAugment(nn.Module):
         size = self.augmentation.image_size
         # The parameters stay on the CPU, where selecting rows needs no device synchronisation.
         # Autocast is off so that the colour maths stays in float32 under bf16-mixed training.
-        with torch.autocast(device_type=device.type, enabled=False):
+        with _autocast_off(device):
             views = resized_crop(images, params.crops, source, size)
             views = flip_horizontal(views, params.flip)
             views = color_jitter(views, params.jitter, params.jitter_order, params.jitter_factors)
@@ -289,7 +290,8 @@ class SimCLRBatchAugment(nn.Module):
             views = gaussian_blur(
                 views, params.blur, params.blur_sigma, max_sigma=self.augmentation.blur_sigma[1]
             )
-            return views.sub(self.mean).div(self.std)
+            # .to() is a no-op once the module is on the images' device.
+            return views.sub(self.mean.to(device)).div(self.std.to(device))
 
     def augment_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Replace the uint8 ``"image"`` entry of a batch with the two ``"views"``.
@@ -314,6 +316,13 @@ class SimCLRBatchAugment(nn.Module):
         return augmented
 
 
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Return a context with autocast off on ``device``, or a no-op where autocast is unknown."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _check_images(images: Tensor) -> None:
     if not isinstance(images, Tensor):
         raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}.")
@@ -324,6 +333,8 @@ def _check_images(images: Tensor) -> None:
         )
     if images.dtype != torch.uint8 and not images.is_floating_point():
         raise TypeError(f"images must be uint8 or floating point, got {images.dtype}.")
+    if images.shape[0] == 0:
+        raise ValueError("images is an empty batch. Pass at least one image.")
 
 
 def resized_crop(images: Tensor, crops: Tensor, source: Tensor, size: int) -> Tensor:
