@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import UTKFaceTree
 from PIL import Image, ImageEnhance, ImageFilter
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import _functional_pil as tv_pil
 
+from simclr_lightning.data.cifar import CIFAR10_CLASSES, CIFAR10DataModule
+from simclr_lightning.data.face_datamodule import FaceDataModule
 from simclr_lightning.data.fast_augment import (
     BRIGHTNESS,
     CONTRAST,
-    HUE,
     SATURATION,
     FastSimCLRTransform,
     ViewParams,
     adjust_hue,
     adjust_saturation,
+    build_pretrain_transform,
     color_jitter,
     fallback_crop,
     sample_crop,
@@ -30,6 +34,7 @@ from simclr_lightning.data.transforms import (
     SimCLRAugmentation,
     build_simclr_transform,
 )
+from simclr_lightning.models.simclr import SimCLRModule
 
 IDENTITY = SimCLRAugmentation(
     image_size=24, min_scale=1.0, cj_prob=0.0, gray_prob=0.0, blur_prob=0.0, hflip_prob=0.0
@@ -306,3 +311,79 @@ def test_pixel_statistics_match_lightly(augmentation: SimCLRAugmentation) -> Non
     assert np.abs(ours[0] - theirs[0]).max() < 3.0
     assert np.abs(ours[1] - theirs[1]).max() < 3.0
     assert math.isfinite(float(ours.sum()))
+
+
+# ------------------------------------------------------------------ wiring into the library
+
+
+def test_build_pretrain_transform_selects_fast() -> None:
+    transform = build_pretrain_transform(SimCLRAugmentation(image_size=16), "fast")
+    assert isinstance(transform, FastSimCLRTransform)
+
+
+def test_build_pretrain_transform_rejects_unknown_name() -> None:
+    with pytest.raises(ValueError, match="cpu_augment must be"):
+        build_pretrain_transform(SimCLRAugmentation(image_size=16), "torchvision")  # type: ignore[arg-type]
+
+
+def test_face_datamodule_fast_yields_uint8_views(utkface_tree: UTKFaceTree, tmp_path: Path) -> None:
+    datamodule = FaceDataModule(
+        utkface_root=str(utkface_tree.root),
+        image_size=16,
+        batch_size=4,
+        num_workers=0,
+        pin_memory=False,
+        online_eval=False,
+        index_dir=str(tmp_path / "index"),
+        cpu_augment="fast",
+    )
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    for view in batch["views"]:
+        assert view.dtype == torch.uint8
+        assert view.shape == (4, 3, 16, 16)
+
+
+def test_face_datamodule_rejects_unknown_cpu_augment(utkface_tree: UTKFaceTree) -> None:
+    with pytest.raises(ValueError, match="cpu_augment must be"):
+        FaceDataModule(utkface_root=str(utkface_tree.root), cpu_augment="pil")  # type: ignore[arg-type]
+
+
+def test_cifar_datamodule_fast_yields_uint8_views(tmp_path: Path) -> None:
+    for label, name in enumerate(CIFAR10_CLASSES):
+        for split in ("train", "test"):
+            folder = tmp_path / split / name
+            folder.mkdir(parents=True)
+            pixels = np.full((32, 32, 3), label * 20, dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / "0000.png")
+    datamodule = CIFAR10DataModule(
+        str(tmp_path), batch_size=4, num_workers=0, online_eval=False, cpu_augment="fast"
+    )
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["views"][0].dtype == torch.uint8
+    assert batch["views"][0].shape == (4, 3, 32, 32)
+
+
+def test_module_normalizes_uint8_views() -> None:
+    module = SimCLRModule(backbone="resnet18", num_classes=0, batch_size_per_device=2)
+    views = torch.tensor([0, 128, 255], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 2, 2)
+    batch = module.on_after_batch_transfer({"views": [views, views], "target": torch.zeros(2)}, 0)
+    normalised = batch["views"][0]
+    # (value / 255 - mean) / std with the ImageNet mean (0.485, 0.456, 0.406) and std
+    # (0.229, 0.224, 0.225).
+    expected = torch.tensor([-2.1179039, 0.2051821, 2.64])
+    assert normalised.dtype == torch.float32
+    torch.testing.assert_close(normalised[0, :, 0, 0], expected, atol=1e-6, rtol=0)
+
+
+def test_module_keeps_float_views() -> None:
+    module = SimCLRModule(backbone="resnet18", num_classes=0, batch_size_per_device=2)
+    views = torch.rand(2, 3, 4, 4)
+    batch = module.on_after_batch_transfer({"views": [views, views], "target": torch.zeros(2)}, 0)
+    assert batch["views"][0] is views
+
+
+def test_module_rejects_health_every_zero() -> None:
+    with pytest.raises(ValueError, match="health_every_n_steps"):
+        SimCLRModule(backbone="resnet18", num_classes=0, health_every_n_steps=0)

@@ -24,12 +24,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from simclr_lightning.data.fast_augment import CPUAugment, build_pretrain_transform
 from simclr_lightning.data.images import load_rgb
 from simclr_lightning.data.transforms import (
     SimCLRAugmentation,
     build_eval_transform,
     build_finetune_transform,
-    build_simclr_transform,
 )
 
 log = logging.getLogger(__name__)
@@ -340,6 +340,10 @@ class CIFAR10DataModule(pl.LightningDataModule):
             seeded stratified subset.
         pin_memory: Pin batches in page-locked memory when CUDA is available.
         persistent_workers: Keep workers alive between epochs when ``num_workers > 0``.
+        cpu_augment: Transform of the two pretraining views: ``"lightly"`` (lightly's
+            ``SimCLRTransform``) or ``"fast"`` (uint8 views from
+            :class:`~simclr_lightning.data.fast_augment.FastSimCLRTransform`, which
+            ``SimCLRModule`` normalises on the device).
     """
 
     def __init__(
@@ -357,8 +361,11 @@ class CIFAR10DataModule(pl.LightningDataModule):
         online_eval_max_images: int = 5000,
         pin_memory: bool = True,
         persistent_workers: bool = True,
+        cpu_augment: CPUAugment = "lightly",
     ) -> None:
         super().__init__()
+        if cpu_augment not in ("lightly", "fast"):
+            raise ValueError(f"cpu_augment must be 'lightly' or 'fast', got {cpu_augment!r}.")
 
         _check_arguments(mode, image_size, batch_size, num_workers, train_fraction)
         if online_eval_max_images < 1:
@@ -436,7 +443,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         if self.mode == "pretrain":
             targets = np.full(len(train_split), -1, dtype=np.int64)
             targets[labeled_rows] = train_split.labels[labeled_rows]
-            transform = build_simclr_transform(self.augmentation)
+            transform = build_pretrain_transform(self.augmentation, self.hparams["cpu_augment"])
             dataset: Dataset = _TwoViewDataset(train_split, transform, targets)
             return self._loader(dataset, shuffle=True, drop_last=True)
         transform = build_finetune_transform(self.image_size)

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from simclr_lightning.data.datasets import LabeledDataset, PretrainDataset, UInt8PretrainDataset
+from simclr_lightning.data.fast_augment import CPUAugment, build_pretrain_transform
 from simclr_lightning.data.images import FileImages, ImageSource, subset_images
 from simclr_lightning.data.index import (
     GENDER_NAMES,
@@ -37,7 +38,6 @@ from simclr_lightning.data.transforms import (
     SimCLRAugmentation,
     build_eval_transform,
     build_finetune_transform,
-    build_simclr_transform,
 )
 
 logger = logging.getLogger(__name__)
@@ -115,6 +115,10 @@ class FaceDataModule(LightningDataModule):
         augment_on_device: In pretraining mode, yield uint8 training batches for the device
             augmentation of ``SimCLRModule(gpu_augment=True)`` instead of augmented views. Ignored,
             with a warning, in fine-tuning mode.
+        cpu_augment: Transform that makes the two pretraining views in the DataLoader workers:
+            ``"lightly"`` (lightly's ``SimCLRTransform``, float32 normalised views) or ``"fast"``
+            (:class:`~simclr_lightning.data.fast_augment.FastSimCLRTransform`, uint8 views that
+            ``SimCLRModule`` normalises on the device). Both draw from the same distributions.
 
     Raises:
         ValueError: If no root is given, fine-tuning has no labeled source, or an argument is out
@@ -146,8 +150,11 @@ class FaceDataModule(LightningDataModule):
         persistent_workers: bool = True,
         index_dir: str | None = None,
         augment_on_device: bool = False,
+        cpu_augment: CPUAugment = "lightly",
     ) -> None:
         super().__init__()
+        if cpu_augment not in ("lightly", "fast"):
+            raise ValueError(f"cpu_augment must be 'lightly' or 'fast', got {cpu_augment!r}.")
         _check_arguments(
             utkface_root, ffhq_root, celeba_root, mode, task, image_size, batch_size, num_workers
         )
@@ -368,7 +375,7 @@ class FaceDataModule(LightningDataModule):
                 self._datasets[name] = UInt8PretrainDataset(subset, split_targets)
                 continue
             if name == "pretrain":
-                transform = build_simclr_transform(self.augmentation)
+                transform = build_pretrain_transform(self.augmentation, self.hparams["cpu_augment"])
                 self._datasets[name] = PretrainDataset(subset, split_targets, transform)
                 continue
             is_training = name == "finetune" and self.mode == "finetune"

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -38,7 +40,9 @@ from PIL import Image, ImageFilter
 from torch import Tensor
 from torch.utils.data import get_worker_info
 
-from simclr_lightning.data.transforms import SimCLRAugmentation
+from simclr_lightning.data.transforms import SimCLRAugmentation, build_simclr_transform
+
+CPUAugment = Literal["lightly", "fast"]
 
 # torchvision's RandomResizedCrop defaults, which lightly's SimCLRTransform keeps.
 CROP_RATIO: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
@@ -231,7 +235,7 @@ class FastSimCLRTransform:
         return [self.view(source) for _ in range(2)]
 
     def view(self, image: Image.Image, params: ViewParams | None = None) -> Tensor:
-        """Return one uint8 view (3, S, S) of an RGB image, with ``params`` or freshly drawn ones."""
+        """Return one uint8 view (3, S, S) of an RGB image, with ``params`` or new random ones."""
         if params is None:
             params = self.sample_params(image.height, image.width)
         pixels = self.apply(image, params)
@@ -321,3 +325,21 @@ def _as_rgb_image(image: Image.Image | np.ndarray) -> Image.Image:
             f"dtype {array.dtype}."
         )
     return Image.fromarray(np.ascontiguousarray(array), mode="RGB")
+
+
+def build_pretrain_transform(
+    augmentation: SimCLRAugmentation, cpu_augment: CPUAugment = "lightly"
+) -> Callable[[Image.Image], list[Tensor]]:
+    """Build the two-view transform that ``cpu_augment`` names.
+
+    ``"lightly"`` gives lightly's ``SimCLRTransform`` (normalised float32 views) and ``"fast"``
+    gives :class:`FastSimCLRTransform` (uint8 views).
+
+    Raises:
+        ValueError: If ``cpu_augment`` is neither ``"lightly"`` nor ``"fast"``.
+    """
+    if cpu_augment == "fast":
+        return FastSimCLRTransform(augmentation)
+    if cpu_augment == "lightly":
+        return build_simclr_transform(augmentation)
+    raise ValueError(f"cpu_augment must be 'lightly' or 'fast', got {cpu_augment!r}.")

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 
 from simclr_lightning.data.gpu_augment import SimCLRBatchAugment
-from simclr_lightning.data.transforms import SimCLRAugmentation
+from simclr_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SimCLRAugmentation
 from simclr_lightning.models.backbones import build_backbone, build_projection_head
 from simclr_lightning.models.health import representation_health
 from simclr_lightning.models.optim import OptimizerName, build_optimizer, split_decay_groups
@@ -66,6 +66,15 @@ class SimCLRModule(pl.LightningModule):
         augmentation: Settings of the device augmentation; ``None`` takes the datamodule's
             ``augmentation`` attribute, else the SimCLR defaults at the datamodule's image size.
         augment_seed: Seed of the device augmentation; each rank adds its global rank.
+        health_every_n_steps: Compute and log the representation-health statistics
+            (``train/z_std``, ``train/pos_cosine`` and the others of
+            :func:`~simclr_lightning.models.health.representation_health`) on every n-th training
+            batch only, because they cost a (2N, 2N) similarity matrix per batch. 1 logs every
+            batch.
+
+    Training batches whose ``views`` are uint8 tensors, such as ``FaceDataModule(cpu_augment=
+    "fast")`` yields, are converted to float32 and ImageNet-normalised on the device after the
+    batch transfer.
     """
 
     def __init__(
@@ -95,6 +104,7 @@ class SimCLRModule(pl.LightningModule):
         gpu_augment: bool = False,
         augmentation: SimCLRAugmentation | None = None,
         augment_seed: int = 0,
+        health_every_n_steps: int = 10,
     ) -> None:
         super().__init__()
         if not temperature > 0:
@@ -103,6 +113,11 @@ class SimCLRModule(pl.LightningModule):
             )
         if knn_k < 1:
             raise ValueError(f"knn_k must be at least 1, got {knn_k}.")
+        if health_every_n_steps < 1:
+            raise ValueError(
+                f"health_every_n_steps must be at least 1, got {health_every_n_steps}; use 1 to "
+                "log the health statistics on every batch."
+            )
         self.save_hyperparameters()
 
         self.backbone, self.feature_dim = build_backbone(backbone, small_stem=small_stem)
@@ -124,6 +139,12 @@ class SimCLRModule(pl.LightningModule):
         self._features: dict[int, list[Tensor]] = {}
         self._labels: dict[int, list[Tensor]] = {}
         self._probe_predictions: list[Tensor] = []
+        self.register_buffer(
+            "view_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "view_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False
+        )
 
     # ---------------------------------------------------------------- forward
 
@@ -161,7 +182,13 @@ class SimCLRModule(pl.LightningModule):
         return SimCLRBatchAugment(augmentation, seed=seed).to(self.device)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Turn an un-augmented uint8 training batch into two views, on the batch's device."""
+        """Turn uint8 training batches into float32 views on the batch's device.
+
+        An un-augmented ``{"image": uint8}`` batch becomes two views with the device augmentation,
+        and uint8 ``views`` are normalised with :meth:`normalize_views`.
+        """
+        if isinstance(batch, dict) and _has_uint8_views(batch):
+            return {**batch, "views": [self.normalize_views(view) for view in batch["views"]]}
         if (
             self.batch_augment is not None
             and isinstance(batch, dict)
@@ -172,6 +199,11 @@ class SimCLRModule(pl.LightningModule):
             view0, view1 = self.batch_augment(batch["image"])
             return {"views": [view0, view1], "target": batch["target"]}
         return batch
+
+    def normalize_views(self, views: Tensor) -> Tensor:
+        """Convert uint8 views (B, 3, H, W) to float32 in [0, 1], then ImageNet-normalise them."""
+        scaled = views.float().div_(255.0)
+        return scaled.sub_(self.view_mean).div_(self.view_std)
 
     # ---------------------------------------------------------------- training
 
@@ -188,7 +220,8 @@ class SimCLRModule(pl.LightningModule):
             loss = self.criterion(z0.float(), z1.float())
 
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
-        self._log_health(z0, z1, features, batch_size)
+        if batch_idx % self.hparams["health_every_n_steps"] == 0:
+            self._log_health(z0, z1, features, batch_size)
 
         target = batch.get("target")
         if self.online_probe is not None and target is not None:
@@ -345,3 +378,12 @@ class SimCLRModule(pl.LightningModule):
         optimizer = self.optimizers(use_pl_optimizer=False)
         if isinstance(optimizer, torch.optim.Optimizer):
             self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+
+
+def _has_uint8_views(batch: dict[str, Any]) -> bool:
+    views = batch.get("views")
+    return (
+        isinstance(views, (list, tuple))
+        and len(views) > 0
+        and all(isinstance(view, Tensor) and view.dtype == torch.uint8 for view in views)
+    )
