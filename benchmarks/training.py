@@ -3,8 +3,9 @@
 Both runs train the same network (a torchvision ResNet-18 and the 2-layer SimCLR projection head),
 with lightly's ``NTXentLoss`` and lightly's ``LARS``, the same learning-rate schedule and the same
 synthetic two-view tensors from the same DataLoader settings. Only the loop differs: Lightning's
-``Trainer.fit`` with everything ``SimCLRModule`` does per step (logging, health metrics), or a
-hand-written loop. The two alternate, so that a change in machine load affects both.
+``Trainer.fit`` with everything ``SimCLRModule`` does per step (logging, and the health metrics
+every ``--health-every`` steps), or a hand-written loop. The two alternate, so that a change in
+machine load affects both.
 
 Throughput counts source images per second (each image is two views) over the steps after a
 warm-up. The headline ratio is the median, over trials, of Lightning's rate divided by the plain
@@ -71,6 +72,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers of both loops.")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: all cores)."
+    )
+    parser.add_argument(
+        "--health-every",
+        type=int,
+        default=10,
+        help="SimCLRModule's health_every_n_steps: batches between health-metric computations.",
     )
     parser.add_argument(
         "--small-stem",
@@ -207,6 +214,7 @@ def run_lightning(args: argparse.Namespace) -> RunResult:
         warmup_steps=WARMUP_LR_STEPS,
         batch_size_per_device=args.batch_size,
         num_classes=0,
+        health_every_n_steps=args.health_every,
     )
     clock = StepClock()
     trainer = pl.Trainer(
@@ -299,7 +307,8 @@ def render(results: dict[str, list[RunResult]], args: argparse.Namespace) -> str
         f"Model: ResNet-18 ({stem}) and 2-layer projection head, {args.image_size} px views, "
         f"batch {args.batch_size} images (2 views each), NT-Xent, LARS. {args.trials} runs of "
         f"each loop, alternating, each timing {args.steps} steps after {args.warmup} warm-up "
-        f"steps. DataLoader with {args.workers} worker(s) over fixed synthetic tensors.",
+        f"steps. DataLoader with {args.workers} worker(s) over fixed synthetic tensors. "
+        f"SimCLRModule computes its health metrics every {args.health_every} steps.",
         "",
     ]
     lines += table_lines(results)

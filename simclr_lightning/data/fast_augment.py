@@ -1,8 +1,8 @@
 """A fast CPU two-view SimCLR transform that returns uint8 views.
 
-:class:`FastSimCLRTransform` draws its random parameters from the same distributions, and applies
-the operations in the same order, as lightly's ``SimCLRTransform`` (lightly 1.6 with torchvision
-0.29 transforms v2 on PIL images), but does the pixel work in uint8 with Pillow's C routines:
+:class:`FastSimCLRTransform` draws its random parameters from the same distributions as lightly's
+``SimCLRTransform`` (lightly 1.6 with torchvision 0.29 transforms v2 on PIL images) and applies the
+operations in the same order. The pixel work stays in uint8 and runs in Pillow's C routines:
 
 1. random resized crop (torchvision's 10 attempts and centre-crop fallback), cropped and resized
    in one ``Image.resize(box=...)`` call with bilinear, antialiased weights,
@@ -24,6 +24,10 @@ just outside the box take part in the bilinear filter at the edges, where torchv
 A fused brightness-contrast table is exact, because each blend is a per-value map, but the contrast
 mean is computed from the channel histograms through the table (``0.299 R + 0.587 G + 0.114 B``),
 where Pillow rounds each pixel's luma first, so the mean can differ by one grey level.
+
+NOTE: at 128 px most of the CPU time per view goes to the two HSV conversions of the hue step and
+to the three box passes of the blur (profiled on a 2-core AMD EPYC), so the transform is about
+1.7x faster per CPU second than lightly's file pipeline, not more.
 """
 
 from __future__ import annotations

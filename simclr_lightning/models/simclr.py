@@ -115,7 +115,7 @@ class SimCLRModule(pl.LightningModule):
             raise ValueError(f"knn_k must be at least 1, got {knn_k}.")
         if health_every_n_steps < 1:
             raise ValueError(
-                f"health_every_n_steps must be at least 1, got {health_every_n_steps}; use 1 to "
+                f"health_every_n_steps must be at least 1, got {health_every_n_steps}. Use 1 to "
                 "log the health statistics on every batch."
             )
         self.save_hyperparameters()
