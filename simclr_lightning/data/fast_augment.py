@@ -36,7 +36,7 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -333,7 +333,7 @@ def _as_rgb_image(image: Image.Image | np.ndarray) -> Image.Image:
 
 def build_pretrain_transform(
     augmentation: SimCLRAugmentation, cpu_augment: CPUAugment = "lightly"
-) -> Callable[[Image.Image], list[Tensor]]:
+) -> Callable[[Image.Image], list[Any]]:
     """Build the two-view transform that ``cpu_augment`` names.
 
     ``"lightly"`` gives lightly's ``SimCLRTransform`` (normalised float32 views) and ``"fast"``

@@ -77,6 +77,9 @@ class SimCLRModule(pl.LightningModule):
     batch transfer.
     """
 
+    view_mean: Tensor
+    view_std: Tensor
+
     def __init__(
         self,
         backbone: str = "resnet18",
