@@ -218,7 +218,7 @@ class FineTuneModule(pl.LightningModule):
             self.hparams["class_names"] = list(names) if names else None
         if self.hparams["class_weights"] == "balanced" and stage == "fit":
             self.loss_weights = self._balanced_weights(datamodule).to(self.device)
-        if hasattr(datamodule, "train_targets"):
+        if datamodule is not None and hasattr(datamodule, "train_targets"):
             targets = np.asarray(datamodule.train_targets())
             targets = targets[targets >= 0]
             if len(targets):
