@@ -16,7 +16,7 @@ def test_gpu_augment_builds_views_after_transfer() -> None:
     module = SimCLRModule(
         backbone="resnet18",
         gpu_augment=True,
-        augmentation=SimCLRAugmentation(image_size=16),
+        device_augmentation=SimCLRAugmentation(image_size=16),
         batch_size_per_device=4,
         num_classes=0,
     )
@@ -45,7 +45,7 @@ def test_gpu_augment_trains_under_trainer() -> None:
     module = SimCLRModule(
         backbone="resnet18",
         gpu_augment=True,
-        augmentation=SimCLRAugmentation(image_size=16),
+        device_augmentation=SimCLRAugmentation(image_size=16),
         batch_size_per_device=8,
         num_classes=0,
         warmup_steps=1,

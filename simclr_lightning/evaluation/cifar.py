@@ -168,9 +168,8 @@ def pretrain_cifar(settings: ProtocolSettings, datamodule: CIFAR10SubsetDataModu
         weight_decay=1e-6,
         warmup_epochs=warmup_epochs(settings.pretrain_epochs),
         # Lightning logs the model's and the datamodule's hyper-parameters together and rejects
-        # names they share with different values, so these two repeat the datamodule's.
+        # names they share with different values, so this one repeats the datamodule's.
         num_classes=datamodule.num_classes,
-        augmentation=datamodule.augmentation,
     )
     return fit_simclr(settings, datamodule, model, "pretrain-simclr-cifar10")
 

@@ -51,7 +51,9 @@ class FineTuneModule(pl.LightningModule):
             1 = SimCLRv2).
         backbone: ResNet name; ``None`` takes the checkpoint's, or ``resnet18`` without one.
         small_stem: 3x3 stem without max pool; ``None`` takes the checkpoint's, or ``False``.
-        optimizer: ``sgd`` (Nesterov momentum), ``adamw`` or ``lars``.
+        optimizer: ``adamw`` (the default: it fine-tunes SimCLR backbones stably where SGD at
+            lr 0.05 collapsed to one class on UTKFace gender), ``sgd`` (Nesterov momentum) or
+            ``lars``.
         lr: Peak learning rate of the classifier.
         backbone_lr_ratio: Encoder learning rate as a fraction of ``lr`` in ``finetune`` protocol.
         weight_decay: Weight decay of multi-dimensional weights; 1-D tensors never decay.
@@ -62,8 +64,9 @@ class FineTuneModule(pl.LightningModule):
             datamodule's ``train_targets()``; ``none`` leaves it unweighted.
         label_smoothing: Cross-entropy label smoothing.
         feature_norm: Standardise features with a BatchNorm without affine parameters before
-            the classifier, as linear probes on unscaled features usually need; the default
-            ``None`` turns it on for the ``linear`` protocol only.
+            the classifier. ResNet features are non-negative after the last ReLU and share a
+            large mean, so without centring every SGD step moves all logits the same way and
+            the classifier flips between predicting one class and another.
         channels_last: Run convolutions in channels-last memory format.
     """
 
@@ -76,16 +79,16 @@ class FineTuneModule(pl.LightningModule):
         head_layers_kept: int = 0,
         backbone: str | None = None,
         small_stem: bool | None = None,
-        optimizer: OptimizerName = "sgd",
-        lr: float = 0.05,
+        optimizer: OptimizerName = "adamw",
+        lr: float = 1e-3,
         backbone_lr_ratio: float = 0.1,
-        weight_decay: float = 5e-4,
+        weight_decay: float = 0.05,
         momentum: float = 0.9,
         warmup_epochs: float = 1.0,
         final_lr_ratio: float = 0.0,
         class_weights: Literal["none", "balanced"] = "none",
         label_smoothing: float = 0.0,
-        feature_norm: bool | None = None,
+        feature_norm: bool = True,
         channels_last: bool = False,
         projection_layers: int = 2,
         projection_hidden_dim: int | None = None,
@@ -115,9 +118,8 @@ class FineTuneModule(pl.LightningModule):
                 f"Loaded {len(pretrained.backbone)} backbone tensors from {pretrained.path}, "
                 f"kept {hp['head_layers_kept']} projection-head layers."
             )
-        use_norm = protocol == "linear" if feature_norm is None else feature_norm
         self.feature_norm: nn.Module = (
-            nn.BatchNorm1d(self.feature_dim, affine=False) if use_norm else nn.Identity()
+            nn.BatchNorm1d(self.feature_dim, affine=False) if feature_norm else nn.Identity()
         )
         self.classifier: nn.Linear | None = None
         if num_classes:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import numpy as np
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from simclr_lightning.evaluation.fairness import FairnessReport, fairness_reports
 from simclr_lightning.evaluation.metrics import (
@@ -56,6 +56,12 @@ def log_classification(
         if "/precision/" in name or "/f1/" in name:
             continue
         module.log(name, value, sync_dist=False)
+    predicted = dict(zip(names, report.predicted_count.tolist(), strict=True))
+    rank_zero_info(
+        f"{split} epoch {module.trainer.current_epoch}: accuracy {report.accuracy:.4f}, "
+        f"balanced accuracy {report.balanced_accuracy:.4f}, macro F1 {report.macro_f1:.4f}, "
+        f"predictions per class {predicted}"
+    )
     result = SplitResult(report=report)
     result.fairness = _group_reports(arrays, num_classes)
     majority_accuracy = None

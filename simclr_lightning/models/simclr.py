@@ -63,7 +63,7 @@ class SimCLRModule(pl.LightningModule):
         gpu_augment: Build the two views on the device with ``SimCLRBatchAugment`` from
             un-augmented uint8 batches ``{"image": uint8 (B, 3, S, S), "target": ...}``, such as
             ``FaceDataModule(augment_on_device=True)`` yields, so CPU workers only decode.
-        augmentation: Settings of the device augmentation; ``None`` takes the datamodule's
+        device_augmentation: Settings of the device augmentation; ``None`` takes the datamodule's
             ``augmentation`` attribute, else the SimCLR defaults at the datamodule's image size.
         augment_seed: Seed of the device augmentation; each rank adds its global rank.
         health_every_n_steps: Compute and log the representation-health statistics
@@ -105,7 +105,7 @@ class SimCLRModule(pl.LightningModule):
         channels_last: bool = False,
         compile_backbone: bool = False,
         gpu_augment: bool = False,
-        augmentation: SimCLRAugmentation | None = None,
+        device_augmentation: SimCLRAugmentation | None = None,
         augment_seed: int = 0,
         health_every_n_steps: int = 10,
     ) -> None:
@@ -176,7 +176,9 @@ class SimCLRModule(pl.LightningModule):
             self.online_probe = nn.Linear(self.feature_dim, num_classes).to(self.device)
 
     def _build_batch_augment(self, datamodule: Any) -> SimCLRBatchAugment:
-        augmentation = self.hparams["augmentation"] or getattr(datamodule, "augmentation", None)
+        augmentation = self.hparams["device_augmentation"] or getattr(
+            datamodule, "augmentation", None
+        )
         if augmentation is None:
             image_size = getattr(datamodule, "hparams", {}).get("image_size", 128)
             augmentation = SimCLRAugmentation(image_size=int(image_size))
