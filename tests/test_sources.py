@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import CelebATree, UTKFaceTree, write_image
 
+from simclr_lightning.data import sources
 from simclr_lightning.data.index import SOURCE_CELEBA, SOURCE_FFHQ, SOURCE_UTKFACE
 from simclr_lightning.data.sources import (
     UTKFaceName,
@@ -397,8 +398,11 @@ def test_read_celeba_missing_identity_file(celeba_tree: CelebATree) -> None:
 def test_read_celeba_missing_attribute_file(celeba_tree: CelebATree) -> None:
     (celeba_tree.root / "list_attr_celeba.txt").unlink()
 
-    with pytest.raises(FileNotFoundError, match="gender_labels=False"):
+    with pytest.raises(FileNotFoundError) as raised:
         read_celeba(celeba_tree.root, gender_labels=True)
+
+    assert "celeba_gender_labels=False" in str(raised.value)
+    assert "--data.celeba_gender_labels false" in str(raised.value)
 
 
 def test_read_celeba_accepts_image_folder(celeba_tree: CelebATree) -> None:
@@ -429,6 +433,24 @@ def test_read_face_sources_merges_in_order(
     assert len(index) == utkface_tree.indexed + 6 + 4
     assert sorted(reports) == ["celeba", "ffhq", "utkface"]
     assert index.source.tolist() == sorted(index.source.tolist(), key=[0, 1, 2].index)
+
+
+def test_read_face_sources_progress_flag(
+    utkface_tree: UTKFaceTree,
+    celeba_tree: CelebATree,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(sources, "PROGRESS_MIN_IMAGES", 1)
+
+    read_face_sources(utkface_tree.root, celeba_root=celeba_tree.root, progress=True)
+    stderr_with_bar = capsys.readouterr().err
+    read_face_sources(utkface_tree.root, celeba_root=celeba_tree.root, progress=False)
+    stderr_without_bar = capsys.readouterr().err
+
+    assert "Checking UTKFace" in stderr_with_bar
+    assert "Checking CelebA" in stderr_with_bar
+    assert "Checking" not in stderr_without_bar
 
 
 def test_read_face_sources_requires_a_root() -> None:

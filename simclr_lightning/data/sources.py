@@ -401,7 +401,11 @@ def find_celeba_files(root: PathLike, *, skips: SkipReport | None = None) -> Cel
 
 
 def inspect_images(
-    paths: Sequence[str], *, description: str = "Checking images", num_threads: int | None = None
+    paths: Sequence[str],
+    *,
+    description: str = "Checking images",
+    num_threads: int | None = None,
+    progress: bool = True,
 ) -> list[ImageCheck]:
     """Decode and hash every file in ``paths`` with a thread pool, in the order given.
 
@@ -409,25 +413,30 @@ def inspect_images(
         paths: Files to check.
         description: Label of the progress bar, shown on rank zero for large trees.
         num_threads: Worker threads, or ``None`` for ``min(32, cpu_count + 4)``.
+        progress: Show the progress bar. False hides it for every tree size.
     """
     if not paths:
         return []
     # Lightning sets rank_zero_only.rank from the launcher's environment when it is imported.
     is_rank_zero = getattr(rank_zero_only, "rank", 0) == 0
-    show_progress = is_rank_zero and len(paths) >= PROGRESS_MIN_IMAGES
+    show_progress = progress and is_rank_zero and len(paths) >= PROGRESS_MIN_IMAGES
     with ThreadPoolExecutor(max_workers=num_threads) as pool:
         results = pool.map(inspect_image, paths)
         return list(tqdm(results, total=len(paths), desc=description, disable=not show_progress))
 
 
 def _check_files(
-    paths: list[str], skips: SkipReport, description: str, num_threads: int | None
+    paths: list[str],
+    skips: SkipReport,
+    description: str,
+    num_threads: int | None,
+    progress: bool = True,
 ) -> tuple[list[int], list[str]]:
     """Return the positions and hashes of the readable files, counting the others in ``skips``."""
     kept: list[int] = []
     hashes: list[str] = []
     for position, check in enumerate(
-        inspect_images(paths, description=description, num_threads=num_threads)
+        inspect_images(paths, description=description, num_threads=num_threads, progress=progress)
     ):
         if check.reason is None:
             kept.append(position)
@@ -464,7 +473,11 @@ def _log_summary(dataset: str, index: FaceIndex, skips: SkipReport) -> None:
 
 
 def read_utkface(
-    root: PathLike, *, include_wild: bool = False, num_threads: int | None = None
+    root: PathLike,
+    *,
+    include_wild: bool = False,
+    num_threads: int | None = None,
+    progress: bool = True,
 ) -> tuple[FaceIndex, SkipReport]:
     """Index UTKFace images with the labels parsed from their names.
 
@@ -476,6 +489,7 @@ def read_utkface(
         root: The ``UTKFace`` folder or its parent (see :func:`find_utkface_folders`).
         include_wild: Also read the in-the-wild ``part1/`` to ``part3/`` when aligned crops exist.
         num_threads: Threads for decoding, ``None`` for the executor's default.
+        progress: Show a progress bar on rank zero while a large tree is checked.
 
     Returns:
         The index, sorted by path, and the skip report.
@@ -485,7 +499,7 @@ def read_utkface(
     for folder in find_utkface_folders(root, include_wild=include_wild, skips=skips):
         paths += _image_files(folder, skips)
 
-    kept, hashes = _check_files(paths, skips, "Checking UTKFace", num_threads)
+    kept, hashes = _check_files(paths, skips, "Checking UTKFace", num_threads, progress)
     ages, genders, races = [], [], []
     for position in kept:
         parsed = parse_utkface_name(paths[position])
@@ -512,6 +526,7 @@ def read_ffhq(
     *,
     variant: Literal["thumbnails128x128", "images1024x1024"] | None = None,
     num_threads: int | None = None,
+    progress: bool = True,
 ) -> tuple[FaceIndex, SkipReport]:
     """Index FFHQ images, which carry no labels.
 
@@ -522,6 +537,7 @@ def read_ffhq(
         root: An FFHQ image folder or its parent (see :func:`find_ffhq_folder`).
         variant: ``"thumbnails128x128"``, ``"images1024x1024"`` or ``None`` to prefer thumbnails.
         num_threads: Threads for decoding, ``None`` for the executor's default.
+        progress: Show a progress bar on rank zero while a large tree is checked.
 
     Returns:
         The index, sorted by path, and the skip report.
@@ -533,7 +549,7 @@ def read_ffhq(
         paths += _image_files(folder / name, skips)
     paths.sort()
 
-    kept, hashes = _check_files(paths, skips, "Checking FFHQ", num_threads)
+    kept, hashes = _check_files(paths, skips, "Checking FFHQ", num_threads, progress)
     index = FaceIndex(
         paths=[paths[position] for position in kept], source=SOURCE_FFHQ, content_hash=hashes
     )
@@ -549,6 +565,7 @@ def read_celeba(
     partition: Literal["train", "val", "test"] | None = None,
     gender_labels: bool = False,
     num_threads: int | None = None,
+    progress: bool = True,
 ) -> tuple[FaceIndex, SkipReport]:
     """Index CelebA aligned images with their identities and, optionally, gender labels.
 
@@ -568,6 +585,7 @@ def read_celeba(
         gender_labels: Read gender from the ``Male`` attribute of ``list_attr_celeba.txt``
             (1 gives 0 male, -1 gives 1 female).
         num_threads: Threads for decoding, ``None`` for the executor's default.
+        progress: Show a progress bar on rank zero while a large tree is checked.
 
     Returns:
         The index, sorted by path, and the skip report.
@@ -599,9 +617,11 @@ def read_celeba(
 
     paths = [str(files.images / name) for name in names]
     if one_per_identity:
-        kept, hashes = _choose_one_per_identity(paths, identity_of, seed, skips, num_threads)
+        kept, hashes = _choose_one_per_identity(
+            paths, identity_of, seed, skips, num_threads, progress
+        )
     else:
-        kept, hashes = _check_files(paths, skips, "Checking CelebA", num_threads)
+        kept, hashes = _check_files(paths, skips, "Checking CelebA", num_threads, progress)
 
     gender_of = np.full(len(kept), -1, dtype=np.int8)
     if gender_labels:
@@ -715,8 +735,11 @@ def _read_celeba_genders(
 ) -> dict[str, int]:
     if files.attributes is None:
         raise FileNotFoundError(
-            f"{CELEBA_ATTRIBUTE_FILE} was not found next to {files.images}, but gender_labels="
-            "True needs it. Put the file there, or pass gender_labels=False."
+            f"{CELEBA_ATTRIBUTE_FILE} was not found next to {files.images}, but CelebA gender "
+            "labels were requested. Put the file there, or turn the labels off: "
+            "celeba_gender_labels=False for FaceDataModule, --data.celeba_gender_labels false "
+            "for pretrain and finetune, gender_labels=False for read_celeba, or drop "
+            "--celeba-gender-labels from prepare."
         )
     with open(files.attributes, encoding="utf-8") as handle:
         count_line = handle.readline().strip()
@@ -748,6 +771,7 @@ def _choose_one_per_identity(
     seed: int,
     skips: SkipReport,
     num_threads: int | None,
+    progress: bool = True,
 ) -> tuple[list[int], list[str]]:
     """Pick one readable image per identity, trying each identity's images in a seeded order.
 
@@ -775,6 +799,7 @@ def _choose_one_per_identity(
             [paths[position] for position in candidates],
             description=f"Checking CelebA (round {attempt + 1})",
             num_threads=num_threads,
+            progress=progress,
         )
         still_pending: list[int] = []
         for group_number, position, check in zip(pending, candidates, checks, strict=True):
@@ -803,8 +828,12 @@ def read_face_sources(
     celeba_gender_labels: bool = False,
     seed: int = 0,
     num_threads: int | None = None,
+    progress: bool = True,
 ) -> tuple[FaceIndex, dict[str, SkipReport]]:
     """Read every given dataset root and merge the rows, UTKFace first, then FFHQ, then CelebA.
+
+    ``num_threads`` and ``progress`` are passed to each reader. The other options are those of
+    :func:`read_celeba`.
 
     Returns:
         The merged index and the skip report of each dataset that was read, by source name.
@@ -819,10 +848,12 @@ def read_face_sources(
     parts: list[FaceIndex] = []
     reports: dict[str, SkipReport] = {}
     if utkface_root is not None:
-        index, reports["utkface"] = read_utkface(utkface_root, num_threads=num_threads)
+        index, reports["utkface"] = read_utkface(
+            utkface_root, num_threads=num_threads, progress=progress
+        )
         parts.append(index)
     if ffhq_root is not None:
-        index, reports["ffhq"] = read_ffhq(ffhq_root, num_threads=num_threads)
+        index, reports["ffhq"] = read_ffhq(ffhq_root, num_threads=num_threads, progress=progress)
         parts.append(index)
     if celeba_root is not None:
         index, reports["celeba"] = read_celeba(
@@ -832,6 +863,7 @@ def read_face_sources(
             partition=celeba_partition,
             gender_labels=celeba_gender_labels,
             num_threads=num_threads,
+            progress=progress,
         )
         parts.append(index)
     return FaceIndex.concat(parts), reports
