@@ -36,7 +36,7 @@ def test_read_checkpoint_splits_backbone_and_head(tmp_path: Path) -> None:
 
 
 def test_read_checkpoint_strips_compile_prefix(tmp_path: Path) -> None:
-    state = {"backbone._orig_mod.conv.weight": torch.ones(1)}
+    state = {"backbone._orig_mod.conv.weight": torch.ones(1), "projection_head.w": torch.ones(1)}
     weights = read_simclr_checkpoint(_save(tmp_path / "compiled.ckpt", state))
     assert list(weights.backbone) == ["conv.weight"]
 
@@ -60,7 +60,9 @@ def test_read_checkpoint_rejects_plain_state_dict(tmp_path: Path) -> None:
 
 def test_read_checkpoint_rejects_other_module(tmp_path: Path) -> None:
     path = _save(tmp_path / "other.ckpt", {"encoder.weight": torch.ones(1)})
-    with pytest.raises(ValueError, match="no 'backbone.\\*' tensors.*encoder.weight"):
+    with pytest.raises(
+        ValueError, match="lacks 'backbone.\\*' or 'projection_head.\\*' tensors.*encoder.weight"
+    ):
         read_simclr_checkpoint(path)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,17 +40,30 @@ def read_simclr_checkpoint(path: str | Path) -> PretrainedWeights:
             "'simclr-lightning pretrain fit' (it sits in the run's checkpoints/ folder)."
         )
     # NOTE: weights_only=False unpickles arbitrary objects; load only checkpoints you trust.
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as error:
+        raise ValueError(
+            f"{path} is not a PyTorch checkpoint ({type(error).__name__}: {error}). Pass the "
+            ".ckpt file written by 'simclr-lightning pretrain fit'."
+        ) from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"{path} is not a Lightning checkpoint: it has no 'state_dict' entry.")
     state_dict: dict[str, Tensor] = checkpoint["state_dict"]
+    if "classifier.weight" in state_dict:
+        raise ValueError(
+            f"{path} is a FineTuneModule checkpoint, not a SimCLR one. To evaluate it, pass it "
+            "as ckpt_path (simclr-lightning finetune validate --ckpt_path ...); to fine-tune, "
+            "pass the pretraining run's checkpoints/last.ckpt as checkpoint_path."
+        )
     backbone = _strip_prefix(state_dict, "backbone.")
     # torch.compile wraps the backbone; its keys carry an extra "_orig_mod." prefix.
     backbone = {key.removeprefix("_orig_mod."): value for key, value in backbone.items()}
     head = _strip_prefix(state_dict, "projection_head.")
-    if not backbone:
+    if not backbone or not head:
         raise ValueError(
-            f"{path} has no 'backbone.*' tensors, so it was not written by SimCLRModule. "
+            f"{path} lacks 'backbone.*' or 'projection_head.*' tensors, so it was not written "
+            "by SimCLRModule. "
             f"Its first keys are {sorted(state_dict)[:_MAX_KEYS_SHOWN]}."
         )
     hparams = dict(checkpoint.get("hyper_parameters", {}))

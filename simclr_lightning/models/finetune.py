@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -19,7 +20,11 @@ from simclr_lightning.models.backbones import (
     build_projection_head,
     split_head_layers,
 )
-from simclr_lightning.models.checkpoints import load_state_strict, read_simclr_checkpoint
+from simclr_lightning.models.checkpoints import (
+    PretrainedWeights,
+    load_state_strict,
+    read_simclr_checkpoint,
+)
 from simclr_lightning.models.optim import OptimizerName, build_optimizer, split_decay_groups
 from simclr_lightning.models.schedules import WarmupCosineSchedule
 
@@ -103,7 +108,7 @@ class FineTuneModule(pl.LightningModule):
             raise ValueError(f"class_weights must be 'none' or 'balanced', got {class_weights!r}.")
         self.save_hyperparameters()
 
-        pretrained = read_simclr_checkpoint(checkpoint_path) if checkpoint_path else None
+        pretrained = self._read_pretrained(checkpoint_path)
         if pretrained is not None:
             self._adopt_checkpoint_architecture(pretrained.hparams)
         hp = self.hparams
@@ -136,6 +141,63 @@ class FineTuneModule(pl.LightningModule):
             self.train()
 
     # ---------------------------------------------------------------- construction
+
+    def _read_pretrained(self, checkpoint_path: str | None) -> PretrainedWeights | None:
+        """Read the SimCLR checkpoint, or defer when a trained FineTuneModule is being restored.
+
+        A restored FineTuneModule carries the resolved architecture in its hyper-parameters
+        and brings every weight in its own checkpoint, so a SimCLR checkpoint that has moved
+        since is not needed then. ``setup`` raises if no checkpoint restores the weights.
+        """
+        self._missing_pretrained: str | None = None
+        if checkpoint_path is None:
+            return None
+        if not checkpoint_path:
+            raise ValueError(
+                "checkpoint_path is an empty string. Pass the SimCLR .ckpt file, or None to "
+                "train from scratch. (A Trainer without a checkpoint callback leaves "
+                "last_model_path empty: save one with trainer.save_checkpoint(path).)"
+            )
+        if Path(checkpoint_path).is_file() or self.hparams["backbone"] is None:
+            return read_simclr_checkpoint(checkpoint_path)
+        self._missing_pretrained = checkpoint_path
+        rank_zero_warn(
+            f"SimCLR checkpoint {checkpoint_path} not found; building the "
+            f"{self.hparams['backbone']} from the hyper-parameters. Its weights must come from a "
+            "FineTuneModule checkpoint (ckpt_path or load_from_checkpoint).",
+            stacklevel=3,
+        )
+        return None
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Note that a FineTuneModule checkpoint supplies every weight."""
+        self._missing_pretrained = None
+
+    def _require_weights(self) -> None:
+        """Fail when the SimCLR checkpoint was missing and no checkpoint restored the weights.
+
+        The trainer restores ``ckpt_path`` after ``setup``, so this runs in the start hooks.
+        """
+        if self._missing_pretrained is None:
+            return
+        raise FileNotFoundError(
+            f"SimCLR checkpoint {self._missing_pretrained} not found, and no FineTuneModule "
+            "checkpoint restores the weights. Pass the pretraining run's checkpoints/last.ckpt "
+            "as checkpoint_path, or a trained FineTuneModule checkpoint as ckpt_path to "
+            "validate, test or predict."
+        )
+
+    def on_fit_start(self) -> None:
+        self._require_weights()
+
+    def on_validation_start(self) -> None:
+        self._require_weights()
+
+    def on_test_start(self) -> None:
+        self._require_weights()
+
+    def on_predict_start(self) -> None:
+        self._require_weights()
 
     def _adopt_checkpoint_architecture(self, pretrained_hparams: dict[str, Any]) -> None:
         """Take the backbone and head settings from the checkpoint, rejecting contradictions."""
