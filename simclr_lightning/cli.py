@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -151,6 +152,21 @@ def run_lightning_cli(command: str, argv: Sequence[str], run: bool = True) -> Li
     cli_class: type[SimCLRLightningCLI] = SimCLRLightningCLI
     if command == "finetune":
         model_class, cli_class = FineTuneModule, FineTuneLightningCLI
+    # LightningCLI warns when sys.argv holds arguments besides ``args``. The console script
+    # passes them as ``args``, so the warning only repeats the command line. sys.argv itself
+    # must stay, because DDP starts the other ranks by re-running it.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return _build_cli(cli_class, model_class, command, argv, run)
+
+
+def _build_cli(
+    cli_class: type[SimCLRLightningCLI],
+    model_class: type[LightningModule],
+    command: str,
+    argv: Sequence[str],
+    run: bool,
+) -> LightningCLI:
     return cli_class(
         model_class,
         LightningDataModule,
@@ -206,8 +222,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _close_run(cli.trainer)
         return 0
     if parsed.command == "configs":
-        for name, path in sorted(shipped_configs().items()):
-            logger.info("%-22s %s", name, path)
+        listing = "".join(
+            f"{name:<22} {path}\n" for name, path in sorted(shipped_configs().items())
+        )
+        sys.stdout.write(listing)
         return 0
     if parsed.command == "prepare":
         from simclr_lightning.data.cache import prepare_main

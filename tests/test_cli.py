@@ -206,3 +206,9 @@ def test_pretrain_then_finetune_from_checkpoint(tmp_path: Path, utkface_tree: UT
     assert not any(key.startswith("projection_head.") for key in tuned)
     assert tuned["classifier.weight"].shape == (2, 512)
     assert set(key for key in pretrained if key.startswith("backbone.")) <= set(tuned)
+
+
+def test_configs_command_lists_on_stdout(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["configs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sorted(line.split()[0] for line in lines) == sorted(EXPECTED_CONFIGS)
