@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import pickle
 from pathlib import Path
 
@@ -288,6 +290,36 @@ def test_prepare_main_builds_deduplicated_cache(tmp_path: Path) -> None:
     report = json.loads((out / "prepare_report.json").read_text())
     assert report["duplicates_dropped"] == 1
     assert report["indexed"] == 12
+    full_index = FaceIndex.load(out / "face_index.npz")
+    assert len(full_index) == 12
+    assert full_index.content_hash[11] == full_index.content_hash[0]
+
+
+def test_prepare_main_logs_once_under_package_handler(tmp_path: Path) -> None:
+    _write_images(tmp_path / "ffhq" / "thumbnails128x128" / "00000", 3, size=(20, 20))
+    root = logging.getLogger()
+    package = logging.getLogger("simclr_lightning")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    saved_root_handlers, saved_level = root.handlers[:], package.level
+    # The simclr-lightning CLI attaches one handler to the package logger and none to the root.
+    root.handlers.clear()
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    try:
+        status = prepare_main(
+            ["--ffhq-root", str(tmp_path / "ffhq"), "--out", str(tmp_path / "cache")]
+            + ["--image-size", "16", "--workers", "0", "--no-progress"]
+        )
+        root_handlers_after = root.handlers[:]
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(saved_level)
+        root.handlers[:] = saved_root_handlers
+
+    assert status == 0
+    assert root_handlers_after == []
+    assert stream.getvalue().count("Wrote the prepared cache") == 1
 
 
 def test_prepare_main_requires_a_dataset(tmp_path: Path) -> None:
@@ -367,3 +399,5 @@ def test_prepare_main_records_index_key(tmp_path: Path, utkface_tree: UTKFaceTre
     datamodule.setup("fit")
     # The index came from the cache, so no index file was written.
     assert not list((tmp_path / "index").glob("face_index-*"))
+    assert datamodule.index is not None
+    assert len(datamodule.index) == utkface_tree.indexed

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -19,7 +18,6 @@ from simclr_lightning.data import sources
 from simclr_lightning.data.face_datamodule import FaceDataModule
 from simclr_lightning.data.images import ImageCheck, inspect_image
 from simclr_lightning.data.index import SOURCE_CELEBA
-from simclr_lightning.data.index_file import CACHE_KEY_FIELD, FaceIndexRequest
 from simclr_lightning.data.sources import read_face_sources
 from simclr_lightning.data.splits import unique_by_hash
 from simclr_lightning.data.transforms import SimCLRAugmentation
@@ -476,17 +474,20 @@ def test_loaded_index_gives_identical_splits(all_roots: dict[str, str], tmp_path
     assert loaded.report.to_dict() == built.report.to_dict()
 
 
+def _prepare_with_cli(roots: dict[str, str], out_dir: Path) -> None:
+    """Build a 16-pixel cache of ``roots`` with ``simclr-lightning prepare``."""
+    from simclr_lightning.data.cache import prepare_main
+
+    arguments = ["--out", str(out_dir), "--image-size", "16", "--workers", "0", "--no-progress"]
+    for name, root in roots.items():
+        arguments += ["--" + name.replace("_", "-"), root]
+    assert prepare_main(arguments) == 0
+
+
 def test_setup_takes_index_from_matching_cache(
     all_roots: dict[str, str], tmp_path: Path, inspect_counter: InspectCounter
 ) -> None:
-    _prepare(all_roots, tmp_path / "cache", 16)
-    request = FaceIndexRequest.create(
-        all_roots["utkface_root"], all_roots["ffhq_root"], all_roots["celeba_root"]
-    )
-    meta_path = tmp_path / "cache" / "meta.json"
-    meta = json.loads(meta_path.read_text())
-    meta[CACHE_KEY_FIELD] = request.key(request.fingerprint())
-    meta_path.write_text(json.dumps(meta))
+    _prepare_with_cli(all_roots, tmp_path / "cache")
     calls_before = inspect_counter.calls
 
     module = _module(
@@ -497,8 +498,47 @@ def test_setup_takes_index_from_matching_cache(
     assert inspect_counter.calls == calls_before
     assert not (tmp_path / "store").exists()
     assert module.report is not None
-    assert module.report.duplicates_removed == 0
+    # The index keeps the UTKFace copy, and the pool drops it as it does without a cache.
+    assert module.report.duplicates_removed == 1
     assert any("prepared cache" in note for note in module.report.notes)
+
+
+def test_cache_splits_match_file_splits(
+    all_roots: dict[str, str], utkface_tree: UTKFaceTree, tmp_path: Path
+) -> None:
+    # A copy with other labels puts a conflicting pair next to the equal-label pair of the tree.
+    conflict_copy = utkface_tree.folder / utkface_name(21, 0, 3, 998)
+    conflict_copy.write_bytes((utkface_tree.folder / utkface_name(21, 1, 2, 22)).read_bytes())
+    options: dict[str, Any] = {"val_fraction": 0.5, "test_fraction": 0.2}
+    _prepare_with_cli(all_roots, tmp_path / "cache")
+
+    from_files = _module(**all_roots, index_dir=str(tmp_path / "files"), **options)
+    from_files.setup("fit")
+    from_cache = _module(**all_roots, cache_dir=str(tmp_path / "cache"), **options)
+    from_cache.setup("fit")
+    finetune = _module(
+        utkface_root=all_roots["utkface_root"],
+        mode="finetune",
+        index_dir=str(tmp_path / "files"),
+        **options,
+    )
+    finetune.setup("fit")
+    assert from_files.index is not None
+    assert from_cache.index is not None
+    assert finetune.index is not None
+
+    assert from_cache.index.paths.tolist() == from_files.index.paths.tolist()
+    assert set(from_cache.rows) == set(from_files.rows)
+    for name, rows in from_files.rows.items():
+        assert np.array_equal(from_cache.rows[name], rows), name
+    test_hashes = set(finetune.index.content_hash[finetune.rows["test"]].tolist())
+    pool_hashes = set(from_cache.index.content_hash[from_cache.rows["pretrain"]].tolist())
+    assert test_hashes
+    assert not test_hashes & pool_hashes
+    for first, second in (("finetune", "val"), ("finetune", "test"), ("val", "test")):
+        first_hashes = set(from_cache.index.content_hash[from_cache.rows[first]].tolist())
+        second_hashes = set(from_cache.index.content_hash[from_cache.rows[second]].tolist())
+        assert not first_hashes & second_hashes, (first, second)
 
 
 # ---------------------------------------------------------------------------------------------

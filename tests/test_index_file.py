@@ -16,6 +16,7 @@ from simclr_lightning.data import index_file, sources
 from simclr_lightning.data.images import ImageCheck, inspect_image
 from simclr_lightning.data.index import FaceIndex, SkipReport
 from simclr_lightning.data.index_file import (
+    CACHE_FACE_INDEX_FILE,
     CACHE_KEY_FIELD,
     INDEX_FOLDER_NAME,
     FaceIndexRequest,
@@ -363,11 +364,13 @@ def test_listing_change_during_build_not_saved(
 
 
 def _prepare_cache(request: FaceIndexRequest, cache_dir: Path) -> None:
+    """Cache one row per content hash and store the full index next to it, as prepare does."""
     from simclr_lightning.data.cache import prepare_cache
 
     merged, reports = request.read()
     index = merged.subset(unique_by_hash(merged.content_hash))
     prepare_cache(index, cache_dir, 16, num_workers=0, progress=False)
+    merged.save(cache_dir / CACHE_FACE_INDEX_FILE)
     skips = {name: report.to_dict() for name, report in reports.items()}
     (cache_dir / "prepare_report.json").write_text(json.dumps({"skips": skips}))
 
@@ -394,7 +397,9 @@ def test_index_from_cache_with_key(
 
     assert stored.origin == "prepared cache"
     assert inspect_counter.calls == calls_before
-    assert len(stored.index) == utkface_tree.indexed - 1  # the cache dropped one duplicate
+    # The full index keeps the byte-identical copy that the cached pixels store once.
+    assert len(stored.index) == utkface_tree.indexed
+    assert stored.index.paths.tolist() == request.read()[0].paths.tolist()
     assert stored.skipped["utkface"].count("empty") == 1
     assert not (tmp_path / "store").exists()
 
@@ -414,5 +419,35 @@ def test_index_from_cache_without_key(utkface_tree: UTKFaceTree, tmp_path: Path)
     _prepare_cache(request, tmp_path / "cache")
 
     found = index_from_cache(tmp_path / "cache", request.key(request.fingerprint()))
+
+    assert found is None
+
+
+def test_index_from_cache_without_full_index(utkface_tree: UTKFaceTree, tmp_path: Path) -> None:
+    request = _request(utkface_tree)
+    key = request.key(request.fingerprint())
+    _prepare_cache(request, tmp_path / "cache")
+    _record_key(tmp_path / "cache", key)
+    (tmp_path / "cache" / CACHE_FACE_INDEX_FILE).unlink()
+
+    found = index_from_cache(tmp_path / "cache", key)
+
+    assert found is None
+
+
+def test_index_from_cache_uncached_image(utkface_tree: UTKFaceTree, tmp_path: Path) -> None:
+    request = _request(utkface_tree)
+    key = request.key(request.fingerprint())
+    _prepare_cache(request, tmp_path / "cache")
+    _record_key(tmp_path / "cache", key)
+    full = FaceIndex.load(tmp_path / "cache" / CACHE_FACE_INDEX_FILE)
+    hashes = full.content_hash.copy()
+    hashes[0] = b"0" * 32
+    FaceIndex(full.paths, full.source, content_hash=hashes).save(
+        tmp_path / "cache" / CACHE_FACE_INDEX_FILE
+    )
+
+    with pytest.warns(UserWarning, match="1 of its"):
+        found = index_from_cache(tmp_path / "cache", key)
 
     assert found is None

@@ -9,6 +9,11 @@ prepared cache does that work once. A cache folder contains:
 - ``meta.json``: ``image_size``, ``count``, ``complete``, ``format_version`` and build details.
 - ``row_status.npy``: uint8 per row, 0 pending, 1 written, 2 failed to decode. It lets an
   interrupted build resume where it stopped.
+
+``simclr-lightning prepare`` caches one row per content hash and adds ``prepare_report.json``
+(the skip reports) and ``face_index.npz``, the full index of the dataset roots with its
+byte-identical copies. ``FaceDataModule`` splits that full index, as it does without a cache,
+and reads the pixels of each row from the cache row of the same content hash.
 """
 
 from __future__ import annotations
@@ -38,7 +43,11 @@ from tqdm.auto import tqdm
 
 from simclr_lightning.data.images import center_crop_resize, load_rgb
 from simclr_lightning.data.index import SOURCES, FaceIndex
-from simclr_lightning.data.index_file import CACHE_KEY_FIELD, FaceIndexRequest
+from simclr_lightning.data.index_file import (
+    CACHE_FACE_INDEX_FILE,
+    CACHE_KEY_FIELD,
+    FaceIndexRequest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +176,7 @@ class _CacheBuilder:
     def start_fresh(self) -> None:
         self.status[:] = STATUS_PENDING
         self.failures.clear()
-        for name in (IMAGES_FILE, INDEX_FILE, META_FILE, STATUS_FILE):
+        for name in (IMAGES_FILE, INDEX_FILE, META_FILE, STATUS_FILE, CACHE_FACE_INDEX_FILE):
             (self.out_dir / name).unlink(missing_ok=True)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.index.save(self.out_dir / INDEX_FILE)
@@ -614,13 +623,15 @@ def prepare_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.utkface_root is None and args.ffhq_root is None and args.celeba_root is None:
         parser.error("pass at least one of --utkface-root, --ffhq-root or --celeba-root")
-    if not logging.getLogger().handlers:
+    # The CLI attaches a handler to the package logger, and a root handler would print each
+    # record a second time, so basicConfig runs only when no handler would receive the records.
+    if not logging.getLogger("simclr_lightning").hasHandlers():
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         request = _index_request(args)
         # Listed before reading, so a file changed during the build changes the key.
         index_key = request.key(request.fingerprint())
-        index, report = _build_deduplicated_index(args)
+        full_index, index, report = _build_deduplicated_index(request, not args.no_progress)
         prepare_cache(
             index,
             args.out,
@@ -634,7 +645,7 @@ def prepare_main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", error)
         return 1
     _write_json_atomic(args.out / "prepare_report.json", report)
-    _record_index_key(args.out, index_key)
+    _record_index_key(args.out, index_key, full_index)
     log.info("Wrote the prepared cache of %d images to %s.", len(index), args.out)
     return 0
 
@@ -651,27 +662,34 @@ def _index_request(args: argparse.Namespace) -> FaceIndexRequest:
     )
 
 
-def _record_index_key(cache_dir: Path, key: str) -> None:
-    """Store the index key in ``meta.json`` so FaceDataModule can take its index from the cache."""
+def _record_index_key(cache_dir: Path, key: str, full_index: FaceIndex) -> None:
+    """Store ``full_index`` and its key in the cache so FaceDataModule can take the index from it.
+
+    The index file is written before the key, so a key in ``meta.json`` always comes with it.
+    """
+    temporary = cache_dir / f"{CACHE_FACE_INDEX_FILE}.tmp.npz"
+    full_index.save(temporary)
+    os.replace(temporary, cache_dir / CACHE_FACE_INDEX_FILE)
     meta = read_meta(cache_dir)
     meta[CACHE_KEY_FIELD] = key
     _write_json_atomic(cache_dir / META_FILE, meta)
 
 
-def _build_deduplicated_index(args: argparse.Namespace) -> tuple[FaceIndex, dict[str, Any]]:
-    """Read the dataset roots in ``args``, merge them and keep one row per content hash."""
-    from simclr_lightning.data.sources import read_face_sources
+def _build_deduplicated_index(
+    request: FaceIndexRequest, progress: bool
+) -> tuple[FaceIndex, FaceIndex, dict[str, Any]]:
+    """Read the dataset roots of ``request``, merge them and keep one row per content hash.
+
+    The roots are read through ``request`` so that the merged index equals, path for path, the
+    one FaceDataModule builds for the same request.
+
+    Returns:
+        The merged index, the rows of it to cache (one per content hash) and the prepare report.
+    """
     from simclr_lightning.data.splits import unique_by_hash
 
     started = time.monotonic()
-    merged, reports = read_face_sources(
-        args.utkface_root,
-        args.ffhq_root,
-        args.celeba_root,
-        celeba_one_per_identity=not args.celeba_all_images,
-        celeba_gender_labels=args.celeba_gender_labels,
-        seed=args.seed,
-    )
+    merged, reports = request.read(progress=progress)
     # The first copy of each file wins, and UTKFace is read first, so its labels are kept.
     kept = unique_by_hash(merged.content_hash)
     index = merged.subset(kept)
@@ -688,4 +706,4 @@ def _build_deduplicated_index(args: argparse.Namespace) -> tuple[FaceIndex, dict
         "kept": len(index),
         "skips": {name: skips.to_dict() for name, skips in reports.items()},
     }
-    return index, report
+    return merged, index, report

@@ -101,7 +101,9 @@ class FaceDataModule(LightningDataModule):
             labeled set of the gender task.
         cache_dir: Prepared cache folder to read pixels from instead of decoding files. Files are
             read when the cache is missing, incomplete, of another image size or lacks images.
-            The index is taken from the cache when the cache records the same index key.
+            The face index is taken from the cache when the cache records the same index key.
+            It is the full index, byte-identical copies included, so the splits and the
+            pretraining pool are the same with and without the cache.
         index_dir: Folder of the face index files. ``None`` uses a ``simclr-lightning-index``
             folder next to the first root when that is writable, else
             ``~/.cache/simclr-lightning/face_index`` (``$XDG_CACHE_HOME`` when set).

@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from simclr_lightning.data.index import FaceIndex, SkipReport
@@ -53,6 +54,9 @@ FILE_PREFIX = "face_index-"
 CACHE_KEY_FIELD = "face_index_key"
 #: File in a prepared cache folder with the skip report of each dataset.
 CACHE_REPORT_FILE = "prepare_report.json"
+#: File in a prepared cache folder with the face index of the request, byte-identical copies
+#: included, so that a datamodule reading the cache splits the same rows as one reading files.
+CACHE_FACE_INDEX_FILE = "face_index.npz"
 
 Origin = Literal["index file", "prepared cache", "built"]
 Partition = Literal["train", "val", "test"]
@@ -147,7 +151,9 @@ class FaceIndexRequest:
         encoded = json.dumps(content, sort_keys=True).encode("utf-8")
         return hashlib.blake2b(encoded, digest_size=16).hexdigest()
 
-    def read(self, num_threads: int | None = None) -> tuple[FaceIndex, dict[str, SkipReport]]:
+    def read(
+        self, num_threads: int | None = None, progress: bool = True
+    ) -> tuple[FaceIndex, dict[str, SkipReport]]:
         """Read the roots with :func:`~simclr_lightning.data.sources.read_face_sources`."""
         return read_face_sources(
             self.utkface_root,
@@ -158,6 +164,7 @@ class FaceIndexRequest:
             celeba_gender_labels=self.celeba_gender_labels,
             seed=self.seed,
             num_threads=num_threads,
+            progress=progress,
         )
 
 
@@ -343,11 +350,14 @@ def find_index_file(folders: Sequence[Path], key: str) -> StoredIndex | None:
 
 
 def index_from_cache(cache_dir: PathLike, key: str) -> StoredIndex | None:
-    """Return the index of the prepared cache in ``cache_dir`` when it was built for ``key``.
+    """Return the face index stored in the prepared cache in ``cache_dir`` when it is for ``key``.
 
-    The cache qualifies when it is complete and its ``meta.json`` records ``key`` under
-    :data:`CACHE_KEY_FIELD`. Its rows keep one image per content hash, so byte-identical copies
-    are already gone. The skip reports come from :data:`CACHE_REPORT_FILE` when present.
+    The cache qualifies when it is complete, its ``meta.json`` records ``key`` under
+    :data:`CACHE_KEY_FIELD`, and its :data:`CACHE_FACE_INDEX_FILE` is readable and contains only
+    content hashes that the cache has pixels for. That file is the index that
+    :meth:`FaceIndexRequest.read` returns, byte-identical copies included, so the splits equal
+    those built from an index file or the images. The skip reports come from
+    :data:`CACHE_REPORT_FILE` when present.
     """
     from simclr_lightning.data.cache import PreparedCache
 
@@ -358,10 +368,27 @@ def index_from_cache(cache_dir: PathLike, key: str) -> StoredIndex | None:
         return None
     if cache.meta.get(CACHE_KEY_FIELD) != key:
         return None
-    notes = [
-        f"The index comes from the prepared cache {cache.path}, which keeps one image per "
-        "content hash, so byte-identical copies were dropped before the split."
-    ]
+    index_path = cache.path / CACHE_FACE_INDEX_FILE
+    if not index_path.is_file():
+        rank_zero_info(
+            f"The prepared cache {cache.path} has no {CACHE_FACE_INDEX_FILE}, so the face index "
+            "comes from an index file or the images. Rerun `simclr-lightning prepare` to add it."
+        )
+        return None
+    try:
+        index = FaceIndex.load(index_path)
+    except _READ_ERRORS as error:
+        rank_zero_warn(f"Ignoring {index_path}: it is not a readable face index ({error}).")
+        return None
+    uncached = int((~np.isin(index.content_hash, cache.index.content_hash)).sum())
+    if uncached:
+        rank_zero_warn(
+            f"Ignoring {index_path}: {uncached} of its {len(index)} images have no pixels in the "
+            "cache. Rebuild the cache with `simclr-lightning prepare --overwrite`."
+        )
+        return None
+
+    notes = [f"The face index comes from the prepared cache {cache.path}."]
     report_path = cache.path / CACHE_REPORT_FILE
     skipped: dict[str, SkipReport] = {}
     try:
@@ -371,7 +398,7 @@ def index_from_cache(cache_dir: PathLike, key: str) -> StoredIndex | None:
         skipped = _skip_reports(content.get("skips"), report_path)
     except (OSError, ValueError) as error:
         notes.append(f"The skip reports are unknown because {report_path} is unreadable: {error}")
-    return StoredIndex(cache.index, skipped, "prepared cache", cache.path, notes)
+    return StoredIndex(index, skipped, "prepared cache", cache.path, notes)
 
 
 # ---------------------------------------------------------------------------------------------
