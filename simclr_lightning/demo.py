@@ -33,8 +33,8 @@ class DemoSettings:
     """Scale of a demo run; the defaults finish in a few minutes on 2 CPU cores."""
 
     output: Path
-    pretrain_epochs: int = 150
-    probe_epochs: int = 30
+    pretrain_epochs: int = 60
+    probe_epochs: int = 20
     image_size: int = 32
     batch_size: int = 50
     seed: int = 0
@@ -47,6 +47,26 @@ class DemoResult:
 
     method: str
     result: SplitResult
+
+
+class EpochProgress(pl.Callback):
+    """Log a one-line summary every ``every`` epochs, for runs without a progress bar."""
+
+    def __init__(self, stage: str, every: int) -> None:
+        self.stage = stage
+        self.every = max(every, 1)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        if epoch % self.every and epoch != trainer.max_epochs:
+            return
+        metrics = trainer.callback_metrics
+        shown = ", ".join(
+            f"{name} {float(metrics[name]):.3f}"
+            for name in ("train/loss", "train/z_std_ratio", "val/knn_top1")
+            if name in metrics
+        )
+        logger.info("%s epoch %d/%d: %s", self.stage, epoch, trainer.max_epochs, shown)
 
 
 def _finish_run(trainer: pl.Trainer) -> None:
@@ -82,11 +102,12 @@ def pretrain(settings: DemoSettings, datamodule: pl.LightningDataModule) -> Path
         warmup_epochs=10,
     )
     checkpoint = ModelCheckpoint(save_last=True, save_top_k=0)
+    progress = EpochProgress("pretraining", max(settings.pretrain_epochs // 10, 1))
     trainer = _trainer(
         settings,
         settings.pretrain_epochs,
         "demo-pretrain",
-        callbacks=[checkpoint],
+        callbacks=[checkpoint, progress],
         check_val_every_n_epoch=max(settings.pretrain_epochs // 5, 1),
     )
     trainer.fit(model, datamodule=datamodule)
@@ -188,8 +209,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output", default="runs/demo", help="folder for runs (default: %(default)s)"
     )
-    parser.add_argument("--pretrain-epochs", type=int, default=150, help="SimCLR epochs")
-    parser.add_argument("--probe-epochs", type=int, default=30, help="linear-probe epochs")
+    parser.add_argument("--pretrain-epochs", type=int, default=60, help="SimCLR epochs")
+    parser.add_argument("--probe-epochs", type=int, default=20, help="linear-probe epochs")
     parser.add_argument("--image-size", type=int, default=32, help="image side in pixels")
     parser.add_argument("--batch-size", type=int, default=50, help="images per step")
     parser.add_argument("--seed", type=int, default=0, help="seed of splits and initialisation")

@@ -58,6 +58,9 @@ class WandbRunLogger(WandbLogger):
         if is_offline:
             # Also stops wandb from checking for updates or an API key over the network.
             os.environ.setdefault("WANDB_MODE", "offline")
+            # announce() logs where the run is and how to sync it; wandb's own banner and
+            # end-of-run summary would repeat that on every run.
+            os.environ.setdefault("WANDB_SILENT", "true")
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         super().__init__(
             project=project,
