@@ -299,10 +299,14 @@ class SimCLRModule(pl.LightningModule):
         )
         knn_top1 = (predictions == query_labels).float().mean()
         self.log("val/knn_top1", knn_top1)
+        summary = f"kNN top-1 {float(knn_top1):.4f} on {len(queries)} images"
         if self._probe_predictions:
             probe_predictions = self._gather(torch.cat(self._probe_predictions))
             probe_top1 = (probe_predictions == query_labels).float().mean()
             self.log("val/probe_top1", probe_top1)
+            summary += f", online probe top-1 {float(probe_top1):.4f}"
+        if not self.trainer.sanity_checking:
+            rank_zero_info(f"Online evaluation, epoch {self.current_epoch}: {summary}.")
 
     def _gather(self, tensor: Tensor) -> Tensor:
         """Concatenate a per-rank tensor from every rank; equal lengths come from the sampler."""
