@@ -17,7 +17,7 @@ def resolve_wandb_offline(offline: bool | None) -> bool:
     """Decide whether a W&B run is offline.
 
     ``offline=None`` runs online only when ``WANDB_MODE=online`` is set; every other case runs
-    offline, so a job never waits on the network or asks for a login. ``WANDB_MODE=disabled``
+    offline, so a job never waits on the network or prompts for a login. ``WANDB_MODE=disabled``
     is left to wandb itself.
     """
     if offline is not None:
@@ -29,7 +29,8 @@ class WandbRunLogger(WandbLogger):
     """``WandbLogger`` that runs offline unless asked otherwise and reports where the run is.
 
     Args:
-        project: W&B project; also the folder under ``save_dir`` that holds each run's folder.
+        project: W&B project, which is also the folder under ``save_dir`` that contains each
+            run's folder.
         name: Display name of the run.
         save_dir: Root folder of the runs. Each run writes ``save_dir/project/RUN_ID/`` (its
             checkpoints and resolved config) and ``save_dir/wandb/`` (wandb's own files).
@@ -105,7 +106,7 @@ class WandbRunLogger(WandbLogger):
 
 
 def run_dir_of(trainer: Any) -> Path:
-    """The folder of the current run: the W&B run folder, else the logger's or trainer's log dir."""
+    """Return the current run's folder: the W&B run folder, else the logger's or trainer's."""
     run_logger = getattr(trainer, "logger", None)
     if isinstance(run_logger, WandbRunLogger):
         return run_logger.run_dir

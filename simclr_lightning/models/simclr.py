@@ -38,7 +38,7 @@ class SimCLRModule(pl.LightningModule):
         projection_layers: 2 for the SimCLR head, 3 for the SimCLRv2 head.
         projection_hidden_dim: Width of the hidden head layers; ``None`` uses the backbone's
             feature size.
-        projection_dim: Size of the embeddings the loss sees.
+        projection_dim: Size of the embeddings the loss compares.
         temperature: NT-Xent temperature, strictly positive.
         optimizer: ``lars`` (the SimCLR choice), ``sgd`` or ``adamw``.
         base_lr: Learning rate before batch-size scaling.
@@ -252,7 +252,7 @@ class SimCLRModule(pl.LightningModule):
         logits = self.online_probe(features.detach())
         labeled = target >= 0
         if not bool(labeled.any()):
-            # Keeps the probe in the graph so DDP sees a gradient for it on every rank.
+            # Keeps the probe in the graph so DDP receives a gradient for it on every rank.
             return logits.sum() * 0.0
         probe_loss = F.cross_entropy(logits[labeled], target[labeled])
         accuracy = (logits[labeled].argmax(dim=1) == target[labeled]).float().mean()
