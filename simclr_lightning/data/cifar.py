@@ -19,13 +19,13 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from simclr_lightning.data.fast_augment import CPUAugment, build_pretrain_transform
 from simclr_lightning.data.images import load_rgb
+from simclr_lightning.data.loaders import build_loader
 from simclr_lightning.data.transforms import (
     SimCLRAugmentation,
     build_eval_transform,
@@ -494,14 +494,14 @@ class CIFAR10DataModule(pl.LightningDataModule):
         return self._loader(dataset, shuffle=False, drop_last=False)
 
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
-        return DataLoader(
+        return build_loader(
             dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            self.batch_size,
+            shuffle,
+            drop_last,
+            self.num_workers,
+            self.pin_memory,
+            self.persistent_workers,
         )
 
 

@@ -8,7 +8,6 @@ import time
 from typing import Literal
 
 import numpy as np
-import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
@@ -26,6 +25,7 @@ from simclr_lightning.data.index import (
     SkipReport,
 )
 from simclr_lightning.data.index_file import FaceIndexRequest, load_or_build_face_index
+from simclr_lightning.data.loaders import build_loader
 from simclr_lightning.data.report import DataReport
 from simclr_lightning.data.splits import (
     LabeledSplit,
@@ -496,14 +496,14 @@ class FaceDataModule(LightningDataModule):
         return self._loader(self._datasets[name], shuffle=False, drop_last=False)
 
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
-        return DataLoader(
+        return build_loader(
             dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            self.batch_size,
+            shuffle,
+            drop_last,
+            self.num_workers,
+            self.pin_memory,
+            self.persistent_workers,
         )
 
 

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from simclr_lightning.data.loaders import build_loader
 from simclr_lightning.data.transforms import (
     SimCLRAugmentation,
     build_eval_transform,
@@ -151,13 +152,8 @@ class LFWDataModule(pl.LightningDataModule):
     def _loader(self, dataset: Dataset | None, shuffle: bool, drop_last: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("Call setup() before asking for a dataloader.")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            num_workers=self.hparams["num_workers"],
-            persistent_workers=self.hparams["num_workers"] > 0,
+        return build_loader(
+            dataset, self.batch_size, shuffle, drop_last, self.hparams["num_workers"]
         )
 
     def train_dataloader(self) -> DataLoader:
