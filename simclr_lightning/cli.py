@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -211,27 +212,46 @@ def configure_logging() -> None:
         root.setLevel(logging.INFO)
 
 
+DEBUG_VARIABLE = "SIMCLR_LIGHTNING_DEBUG"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``simclr-lightning`` console script."""
+    """Entry point of the ``simclr-lightning`` console script.
+
+    A bad dataset folder, value or checkpoint ends the command with one error line and exit
+    status 2. Set ``SIMCLR_LIGHTNING_DEBUG=1`` to get the full traceback instead.
+    """
     arguments = list(sys.argv[1:] if argv is None else argv)
     parsed = _build_parser().parse_args(arguments[:1])
     rest = arguments[1:]
     configure_logging()
-    if parsed.command in ("pretrain", "finetune"):
-        cli = run_lightning_cli(parsed.command, rest)
+    try:
+        return _run_command(parsed.command, rest)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as error:
+        if os.environ.get(DEBUG_VARIABLE):
+            raise
+        logger.error("simclr-lightning %s failed: %s", parsed.command, error)
+        logger.error("Set %s=1 to see the traceback.", DEBUG_VARIABLE)
+        return 2
+
+
+def _run_command(command: str, rest: list[str]) -> int:
+    """Run one command with the arguments after its name and return the exit status."""
+    if command in ("pretrain", "finetune"):
+        cli = run_lightning_cli(command, rest)
         _close_run(cli.trainer)
         return 0
-    if parsed.command == "configs":
+    if command == "configs":
         listing = "".join(
             f"{name:<22} {path}\n" for name, path in sorted(shipped_configs().items())
         )
         sys.stdout.write(listing)
         return 0
-    if parsed.command == "prepare":
+    if command == "prepare":
         from simclr_lightning.data.cache import prepare_main
 
         return prepare_main(rest)
-    if parsed.command == "evaluate":
+    if command == "evaluate":
         from simclr_lightning.evaluation.protocol import evaluate_main
 
         return evaluate_main(rest)

@@ -212,3 +212,23 @@ def test_configs_command_lists_on_stdout(capsys: pytest.CaptureFixture[str]) -> 
     assert main(["configs"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert sorted(line.split()[0] for line in lines) == sorted(EXPECTED_CONFIGS)
+
+
+def test_bad_dataset_folder_one_line_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SIMCLR_LIGHTNING_DEBUG", raising=False)
+    missing = tmp_path / "no_such_folder"
+    arguments = ["pretrain", "fit", "--config", "pretrain_faces", "--config", "cpu_small"]
+    arguments += [f"--data.utkface_root={missing}", *TINY]
+    assert main(arguments) == 2
+    assert str(missing) in caplog.text
+    assert "SIMCLR_LIGHTNING_DEBUG=1" in caplog.text
+
+
+def test_debug_variable_keeps_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIMCLR_LIGHTNING_DEBUG", "1")
+    arguments = ["pretrain", "fit", "--config", "pretrain_faces", "--config", "cpu_small"]
+    arguments += [f"--data.utkface_root={tmp_path / 'missing'}", *TINY]
+    with pytest.raises((FileNotFoundError, ValueError)):
+        main(arguments)
