@@ -44,13 +44,16 @@ from PIL import Image, ImageFilter
 from torch import Tensor
 from torch.utils.data import get_worker_info
 
-from simclr_lightning.data.transforms import SimCLRAugmentation, build_simclr_transform
+from simclr_lightning.data.transforms import (
+    CROP_ATTEMPTS,
+    CROP_RATIO,
+    SimCLRAugmentation,
+    build_simclr_transform,
+    fallback_crop,
+)
 
 CPUAugment = Literal["lightly", "fast"]
 
-# torchvision's RandomResizedCrop defaults, which lightly's SimCLRTransform keeps.
-CROP_RATIO: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
-CROP_ATTEMPTS = 10
 
 # Indices of the jitter operations, numbered as torchvision's ColorJitter numbers them.
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
@@ -121,20 +124,6 @@ def sample_crop(
             left = int(rng.integers(0, width - crop_w + 1))
             return top, left, crop_h, crop_w
     return fallback_crop(height, width)
-
-
-def fallback_crop(height: int, width: int) -> tuple[int, int, int, int]:
-    """Return torchvision's fallback crop ``(top, left, height, width)``."""
-    in_ratio = width / height
-    if in_ratio < min(CROP_RATIO):
-        crop_w = width
-        crop_h = int(round(crop_w / min(CROP_RATIO)))
-    elif in_ratio > max(CROP_RATIO):
-        crop_h = height
-        crop_w = int(round(crop_h * max(CROP_RATIO)))
-    else:
-        crop_w, crop_h = width, height
-    return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
 
 
 def blend_table(degenerate: int, factor: float) -> np.ndarray:

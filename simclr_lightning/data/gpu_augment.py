@@ -46,11 +46,14 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from simclr_lightning.data.images import ImageSource
-from simclr_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SimCLRAugmentation
-
-# torchvision's RandomResizedCrop defaults, which lightly's SimCLRTransform keeps.
-CROP_RATIO: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
-CROP_ATTEMPTS = 10
+from simclr_lightning.data.transforms import (
+    CROP_ATTEMPTS,
+    CROP_RATIO,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SimCLRAugmentation,
+    fallback_crop,
+)
 
 # torchvision's luma weights for float tensors (ITU-R 601-2).
 GRAY_WEIGHTS: tuple[float, float, float] = (0.2989, 0.587, 0.114)
@@ -147,26 +150,12 @@ def sample_crops(
     top = torch.floor(offsets[:, 0] * (height - crop_h + 1)).long()
     left = torch.floor(offsets[:, 1] * (width - crop_w + 1)).long()
 
-    fallback = _fallback_crop(height, width)
+    fallback = fallback_crop(height, width)
     top = torch.where(found, top, fallback[0])
     left = torch.where(found, left, fallback[1])
     crop_h = torch.where(found, crop_h, fallback[2])
     crop_w = torch.where(found, crop_w, fallback[3])
     return torch.stack([top, left, crop_h, crop_w], dim=1)
-
-
-def _fallback_crop(height: int, width: int) -> tuple[int, int, int, int]:
-    """Return torchvision's fallback crop ``(top, left, height, width)``."""
-    in_ratio = width / height
-    if in_ratio < min(CROP_RATIO):
-        crop_w = width
-        crop_h = int(round(crop_w / min(CROP_RATIO)))
-    elif in_ratio > max(CROP_RATIO):
-        crop_h = height
-        crop_w = int(round(crop_h * max(CROP_RATIO)))
-    else:
-        crop_w, crop_h = width, height
-    return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
 
 
 def _jitter_range(amount: float, name: str) -> tuple[float, float]:

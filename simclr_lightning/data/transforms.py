@@ -18,6 +18,25 @@ IMAGENET_MEAN: tuple[float, float, float] = tuple(IMAGENET_NORMALIZE["mean"])  #
 IMAGENET_STD: tuple[float, float, float] = tuple(IMAGENET_NORMALIZE["std"])  # type: ignore[assignment]
 
 
+# torchvision's RandomResizedCrop defaults, which lightly's SimCLRTransform keeps.
+CROP_RATIO: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+CROP_ATTEMPTS = 10
+
+
+def fallback_crop(height: int, width: int) -> tuple[int, int, int, int]:
+    """Return torchvision's fallback crop ``(top, left, height, width)``."""
+    in_ratio = width / height
+    if in_ratio < min(CROP_RATIO):
+        crop_w = width
+        crop_h = int(round(crop_w / min(CROP_RATIO)))
+    elif in_ratio > max(CROP_RATIO):
+        crop_h = height
+        crop_w = int(round(crop_h * max(CROP_RATIO)))
+    else:
+        crop_w, crop_h = width, height
+    return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
+
+
 @dataclass(frozen=True)
 class SimCLRAugmentation:
     """SimCLR augmentation parameters, with the defaults of the SimCLR paper (Chen et al. 2020,
