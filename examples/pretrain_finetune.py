@@ -21,7 +21,7 @@ from simclr_lightning import FaceDataModule, FineTuneModule, LFWDataModule, SimC
 
 
 def build_data(args: argparse.Namespace, mode: str) -> pl.LightningDataModule:
-    """The pretraining or labeled datamodule for the requested data."""
+    """Build the pretraining or labeled datamodule for the requested data."""
     if args.utkface_root is None:
         return LFWDataModule("pretrain" if mode == "pretrain" else "classify", batch_size=50)
     return FaceDataModule(

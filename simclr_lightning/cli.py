@@ -153,7 +153,7 @@ def run_lightning_cli(command: str, argv: Sequence[str], run: bool = True) -> Li
     cli_class: type[SimCLRLightningCLI] = SimCLRLightningCLI
     if command == "finetune":
         model_class, cli_class = FineTuneModule, FineTuneLightningCLI
-    # LightningCLI warns when sys.argv holds arguments besides ``args``. The console script
+    # LightningCLI warns when sys.argv contains arguments besides ``args``. The console script
     # passes them as ``args``, so the warning only repeats the command line. sys.argv itself
     # must stay, because DDP starts the other ranks by re-running it.
     with warnings.catch_warnings():

@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 def resolve_wandb_offline(offline: bool | None) -> bool:
     """Decide whether a W&B run is offline.
 
-    ``offline=None`` runs online only when ``WANDB_MODE=online`` is set; every other case runs
+    ``offline=None`` runs online only when ``WANDB_MODE=online`` is set. Every other case runs
     offline, so a job never waits on the network or prompts for a login. ``WANDB_MODE=disabled``
     is left to wandb itself.
     """

@@ -651,7 +651,7 @@ def prepare_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _index_request(args: argparse.Namespace) -> FaceIndexRequest:
-    """The FaceDataModule index request that the roots and options in ``args`` stand for."""
+    """Build the FaceDataModule index request for the roots and options in ``args``."""
     return FaceIndexRequest.create(
         args.utkface_root,
         args.ffhq_root,

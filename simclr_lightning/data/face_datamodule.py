@@ -64,7 +64,7 @@ class FaceDataModule(LightningDataModule):
     In pretraining mode the training pool is every indexed image of every source, with each
     content hash kept once (the UTKFace copy first, so its labels win). Images of the test split
     are left out of the pool so that test results never come from images seen in pretraining.
-    Validation images stay in the pool, where SimCLR sees them without their labels.
+    Validation images stay in the pool, where SimCLR trains on them without their labels.
     ``val_dataloader`` returns ``[bank_loader, query_loader]`` for online evaluation: the bank
     is the fine-tuning split and the query set is the validation split, each with the
     evaluation transform. It returns ``[]`` when there are no labeled rows or ``online_eval``

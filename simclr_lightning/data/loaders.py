@@ -15,9 +15,9 @@ def build_loader(
     pin_memory: bool = True,
     persistent_workers: bool = True,
 ) -> DataLoader:
-    """Build a DataLoader, pinning memory only with CUDA and keeping workers only if there are any.
+    """Build a DataLoader that pins memory only with CUDA and keeps workers only if it has any.
 
-    Pretraining loaders pass ``drop_last=True`` so that every rank sees batches of equal size.
+    Pretraining loaders pass ``drop_last=True`` so that every rank gets batches of equal size.
     """
     return DataLoader(
         dataset,

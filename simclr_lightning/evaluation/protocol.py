@@ -778,8 +778,8 @@ def pretrain_faces(settings: ProtocolSettings) -> Path:
         backbone=settings.backbone or "resnet18",
         small_stem=bool(settings.small_stem),
         projection_dim=128,
-        # 0.2 lies between the paper's 0.1 (batches of 4096) and 0.5 (CIFAR-10) and is meant for
-        # batches of a few hundred images.
+        # 0.2 lies between the SimCLR paper's 0.1 (ImageNet, batches of 4096) and 0.5 (CIFAR-10).
+        # It is a choice for batches of a few hundred images, not a value from the paper.
         temperature=0.2,
         optimizer="lars",
         # Square-root scaling, 0.075 * sqrt(batch): the SimCLR paper's rule for small batches.

@@ -318,7 +318,7 @@ class FineTuneModule(pl.LightningModule):
     # ---------------------------------------------------------------- forward
 
     def encode(self, images: Tensor) -> Tensor:
-        """Return the features the classifier sees, shape (B, feature_dim)."""
+        """Return the features the classifier receives, shape (B, feature_dim)."""
         if self.hparams["channels_last"]:
             images = images.contiguous(memory_format=torch.channels_last)
         features = self.backbone(images).flatten(start_dim=1)
