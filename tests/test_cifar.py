@@ -235,7 +235,10 @@ def test_datamodule_attributes_after_init(tmp_path: Path) -> None:
         ({"train_fraction": 0.0}, r"train_fraction must be in \(0, 1\]"),
         ({"num_workers": -1}, "num_workers must be 0 or more"),
         ({"online_eval_max_images": 0}, "online_eval_max_images must be at least 1"),
-        ({"image_size": 64}, "augmentation.image_size is 32 but image_size is 64"),
+        (
+            {"image_size": 64},
+            "augmentation.image_size is 32 but the datamodule's image_size is 64",
+        ),
     ],
 )
 def test_datamodule_rejects_invalid_arguments(

@@ -113,6 +113,19 @@ def test_face_configs_instantiate(
     assert any(isinstance(callback, ModelCheckpoint) for callback in cli.trainer.callbacks)
 
 
+def test_augmentation_override_keeps_the_image_size(utkface_tree: UTKFaceTree) -> None:
+    # One augmentation field set on the command line must not reset the view size.
+    arguments = [
+        *("--config", "pretrain_faces", "--config", "cpu_small"),
+        *_face_roots(utkface_tree),
+        "--data.init_args.augmentation.cj_hue=0.0",
+    ]
+    cli = run_lightning_cli("pretrain", arguments, run=False)
+    assert cli.datamodule.augmentation.cj_hue == 0.0
+    assert cli.datamodule.augmentation.image_size == 64
+    assert cli.datamodule.augmentation.cj_sat == 0.8
+
+
 def test_finetune_config_tasks(utkface_tree: UTKFaceTree) -> None:
     for name, task in (("finetune_race", "race"), ("finetune_gender", "gender")):
         arguments = ["--config", name, *_face_roots(utkface_tree), "--trainer.accelerator=cpu"]

@@ -271,6 +271,22 @@ def test_invalid_arguments(ffhq_tree: Path, overrides: dict[str, Any], message: 
         _module(ffhq_root=str(ffhq_tree), **overrides)
 
 
+def test_augmentation_takes_the_image_size(ffhq_tree: Path) -> None:
+    dm = _module(
+        ffhq_root=str(ffhq_tree), image_size=48, augmentation=SimCLRAugmentation(cj_hue=0.0)
+    )
+    assert dm.augmentation.image_size == 48
+    assert dm.augmentation.cj_hue == 0.0
+    dm.setup("fit")
+    views = next(iter(dm.train_dataloader()))["views"]
+    assert views[0].shape[-2:] == (48, 48)
+
+
+def test_augmentation_of_another_size_error(ffhq_tree: Path) -> None:
+    with pytest.raises(ValueError, match="augmentation.image_size is 128 but the datamodule's"):
+        _module(ffhq_root=str(ffhq_tree), image_size=64, augmentation=SimCLRAugmentation(128))
+
+
 def test_dataloader_before_setup_error(ffhq_tree: Path) -> None:
     with pytest.raises(RuntimeError, match="setup"):
         _module(ffhq_root=str(ffhq_tree)).train_dataloader()

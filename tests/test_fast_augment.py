@@ -387,3 +387,27 @@ def test_module_keeps_float_views() -> None:
 def test_module_rejects_health_every_zero() -> None:
     with pytest.raises(ValueError, match="health_every_n_steps"):
         SimCLRModule(backbone="resnet18", num_classes=0, health_every_n_steps=0)
+
+
+# ------------------------------------------------------------------ view size
+
+
+def test_for_size_fills_an_unset_size() -> None:
+    settings = SimCLRAugmentation(cj_hue=0.0)
+    filled = settings.for_size(40)
+    assert (filled.image_size, filled.cj_hue) == (40, 0.0)
+    assert settings.image_size is None
+    assert IDENTITY.for_size(24) is IDENTITY
+
+
+def test_for_size_rejects_another_size() -> None:
+    with pytest.raises(ValueError, match="augmentation.image_size is 24 but"):
+        IDENTITY.for_size(32)
+
+
+def test_unset_size_error_at_first_use() -> None:
+    with pytest.raises(ValueError, match="image_size is None"):
+        build_simclr_transform(SimCLRAugmentation())
+    transform = FastSimCLRTransform(SimCLRAugmentation(), seed=0)
+    with pytest.raises(ValueError, match="image_size is None"):
+        transform(smooth_image())

@@ -333,7 +333,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
         download: Download the python release into ``root`` in ``prepare_data`` when it is
             missing. Nothing is downloaded otherwise.
         augmentation: SimCLR augmentation settings; defaults to
-            ``SimCLRAugmentation.cifar10(image_size)``.
+            ``SimCLRAugmentation.cifar10()``. An unset ``augmentation.image_size`` becomes
+            ``image_size``, and a different one is an error.
         online_eval: Return the bank and query loaders from ``val_dataloader`` in ``pretrain``
             mode. When false, ``val_dataloader`` returns ``[]``.
         online_eval_max_images: Maximum images in each online-evaluation loader, chosen as a
@@ -372,12 +373,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
             raise ValueError(
                 f"online_eval_max_images must be at least 1, got {online_eval_max_images}."
             )
-        augmentation = augmentation or SimCLRAugmentation.cifar10(image_size)
-        if augmentation.image_size != image_size:
-            raise ValueError(
-                f"augmentation.image_size is {augmentation.image_size} but image_size is "
-                f"{image_size}; set both to the same value."
-            )
+        augmentation = (augmentation or SimCLRAugmentation.cifar10()).for_size(image_size)
 
         self.save_hyperparameters()
         self.root = Path(root).expanduser()

@@ -107,8 +107,8 @@ class FaceDataModule(LightningDataModule):
         index_dir: Folder of the face index files. ``None`` uses a ``simclr-lightning-index``
             folder next to the first root when that is writable, else
             ``~/.cache/simclr-lightning/face_index`` (``$XDG_CACHE_HOME`` when set).
-        augmentation: SimCLR augmentation settings, or ``None`` for
-            ``SimCLRAugmentation(image_size=image_size)``.
+        augmentation: SimCLR augmentation settings, or ``None`` for lightly's defaults. An unset
+            ``augmentation.image_size`` becomes ``image_size``, and a different one is an error.
         online_eval: Build the online-evaluation loaders in pretraining mode.
         online_eval_max_images: Maximum number of images in each of the bank and query sets, drawn
             with ``seed`` when a split is larger.
@@ -198,7 +198,7 @@ class FaceDataModule(LightningDataModule):
                 "fine-tuning mode."
             )
         self.augment_on_device = augment_on_device and mode == "pretrain"
-        self.augmentation = augmentation or SimCLRAugmentation(image_size=image_size)
+        self.augmentation = (augmentation or SimCLRAugmentation()).for_size(image_size)
         self.online_eval = online_eval
         self.online_eval_max_images = online_eval_max_images
         self.pin_memory = pin_memory

@@ -237,7 +237,7 @@ class FastSimCLRTransform:
 
     def apply(self, image: Image.Image, params: ViewParams) -> Image.Image:
         """Apply the crop, flip, jitter, grayscale and blur of ``params`` to an RGB image."""
-        size = self.augmentation.image_size
+        size = self.augmentation.size
         top, left, crop_h, crop_w = params.crop
         box = (left, top, left + crop_w, top + crop_h)
         view = image.resize((size, size), Image.Resampling.BILINEAR, box=box)

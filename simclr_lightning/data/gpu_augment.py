@@ -268,7 +268,7 @@ class SimCLRBatchAugment(nn.Module):
         """
         _check_images(images)
         device = images.device
-        size = self.augmentation.image_size
+        size = self.augmentation.size
         # The parameters stay on the CPU, where selecting rows needs no device synchronisation.
         # Autocast is off so that the colour maths stays in float32 under bf16-mixed training.
         with _autocast_off(device):

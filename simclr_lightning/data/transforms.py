@@ -43,7 +43,9 @@ class SimCLRAugmentation:
     appendix A) as lightly implements them.
 
     Attributes:
-        image_size: Side of the square output views, in pixels.
+        image_size: Side of the square output views, in pixels. ``None`` takes the image size of
+            the datamodule that receives these settings, so a config that changes one field
+            keeps the datamodule's size.
         min_scale: Smallest area fraction kept by the random resized crop.
         cj_prob: Probability of applying colour jitter.
         cj_strength: Multiplier on the four jitter amounts below. The SimCLR paper uses 1.0 on
@@ -59,7 +61,7 @@ class SimCLRAugmentation:
         hflip_prob: Probability of a horizontal flip.
     """
 
-    image_size: int = 128
+    image_size: int | None = None
     min_scale: float = 0.08
     cj_prob: float = 0.8
     cj_strength: float = 1.0
@@ -73,7 +75,7 @@ class SimCLRAugmentation:
     hflip_prob: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.image_size < 8:
+        if self.image_size is not None and self.image_size < 8:
             raise ValueError(f"image_size must be at least 8 pixels, got {self.image_size}.")
         if not 0.0 < self.min_scale <= 1.0:
             raise ValueError(f"min_scale must be in (0, 1], got {self.min_scale}.")
@@ -88,7 +90,7 @@ class SimCLRAugmentation:
             )
 
     @classmethod
-    def cifar10(cls, image_size: int = 32) -> SimCLRAugmentation:
+    def cifar10(cls, image_size: int | None = None) -> SimCLRAugmentation:
         """Return the SimCLR paper's CIFAR-10 settings: no blur and colour-jitter strength 0.5."""
         return cls(image_size=image_size, cj_strength=0.5, blur_prob=0.0)
 
@@ -96,11 +98,41 @@ class SimCLRAugmentation:
         """Return a copy with the given fields changed."""
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
+    def for_size(self, image_size: int) -> SimCLRAugmentation:
+        """Return these settings with ``image_size`` filled in.
+
+        Raises:
+            ValueError: ``self.image_size`` is set to another size.
+        """
+        if self.image_size is None:
+            return self.replace(image_size=image_size)
+        if self.image_size != image_size:
+            raise ValueError(
+                f"augmentation.image_size is {self.image_size} but the datamodule's image_size "
+                f"is {image_size}; leave augmentation.image_size unset or set both to one value."
+            )
+        return self
+
+    @property
+    def size(self) -> int:
+        """The view side in pixels.
+
+        Raises:
+            ValueError: ``image_size`` is unset; pass the settings to a datamodule or call
+                :meth:`for_size` first.
+        """
+        if self.image_size is None:
+            raise ValueError(
+                "SimCLRAugmentation.image_size is None, so the view size is unknown; set it, or "
+                "pass the settings to a datamodule, which fills in its own image_size."
+            )
+        return self.image_size
+
 
 def build_simclr_transform(augmentation: SimCLRAugmentation) -> SimCLRTransform:
     """Build lightly's two-view ``SimCLRTransform`` from ``augmentation``."""
     return SimCLRTransform(
-        input_size=augmentation.image_size,
+        input_size=augmentation.size,
         cj_prob=augmentation.cj_prob,
         cj_strength=augmentation.cj_strength,
         cj_bright=augmentation.cj_bright,

@@ -179,9 +179,8 @@ class SimCLRModule(pl.LightningModule):
         augmentation = self.hparams["device_augmentation"] or getattr(
             datamodule, "augmentation", None
         )
-        if augmentation is None:
-            image_size = getattr(datamodule, "hparams", {}).get("image_size", 128)
-            augmentation = SimCLRAugmentation(image_size=int(image_size))
+        image_size = int(getattr(datamodule, "hparams", {}).get("image_size", 128))
+        augmentation = (augmentation or SimCLRAugmentation()).for_size(image_size)
         seed = self.hparams["augment_seed"] + self.global_rank
         rank_zero_info(f"SimCLR views are built on the device from uint8 batches: {augmentation}")
         return SimCLRBatchAugment(augmentation, seed=seed).to(self.device)
