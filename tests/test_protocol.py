@@ -211,6 +211,28 @@ def test_collapsed_probe_shows_warning(
     assert f"**WARNING ({METHOD_MAJORITY}" not in warnings_section
 
 
+def test_probes_only_skips_the_trained_methods(
+    skewed_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+    def no_training(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("--probes-only trained a classifier")
+
+    monkeypatch.setattr(protocol, "train_and_predict", no_training)
+    checkpoint = save_simclr_checkpoint(tmp_path / "simclr.ckpt")
+    out = tmp_path / "report"
+    argv = ["evaluate", "--utkface-root", str(skewed_root), "--out", str(out), "--probes-only"]
+    status = main([*argv, "--checkpoint", str(checkpoint), "--tasks", "race", *TINY_RUN])
+    assert status == 0
+    markdown = markdown_of(out)
+    for method in (METHOD_SIMCLR_PROBE, METHOD_RANDOM_PROBE, METHOD_MAJORITY):
+        assert f"## {method}: race" in markdown
+    for method in (METHOD_SIMCLR_FINETUNE, METHOD_SCRATCH):
+        assert f"## {method}: race" not in markdown
+    assert "skipped (`--probes-only`)" in markdown
+
+
 # ---------------------------------------------------------------- units
 
 

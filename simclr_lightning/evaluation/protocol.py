@@ -184,6 +184,8 @@ class ProtocolSettings:
         probe_weight_decay: L2 penalty of the ``lbfgs`` probe.
         finetune_epochs: Epochs of SimCLR fine-tuning.
         scratch_epochs: Epochs of the supervised baseline; ``None`` uses ``finetune_epochs``.
+        probes_only: Score only the two linear probes and the majority class, and skip
+            fine-tuning and the supervised baseline; a quick way to compare checkpoints.
         batch_size: Images per step in every stage.
         num_workers: DataLoader worker processes.
         accelerator: Lightning accelerator of every stage (``auto``, ``cpu``, ``gpu``).
@@ -217,6 +219,7 @@ class ProtocolSettings:
     probe_weight_decay: float = 1e-3
     finetune_epochs: int = 30
     scratch_epochs: int | None = None
+    probes_only: bool = False
     batch_size: int = 256
     num_workers: int = 2
     accelerator: str = "auto"
@@ -975,7 +978,8 @@ def evaluate_face_task(
     )
     progress.step(f"Seed {context.seed}, {task}: linear probes ({settings.linear_probe})")
     results = linear_probe_results(settings, context, task, score)
-    results.extend(trained_results(settings, context, task, score, progress))
+    if not settings.probes_only:
+        results.extend(trained_results(settings, context, task, score, progress))
     results.append(score(METHOD_MAJORITY, majority, constant=True))
     return results
 
@@ -1039,8 +1043,15 @@ def face_notes(
         "is scored on the validation part. " + " ".join(splits),
         f"- Linear probe: {probe}. The random backbone has the same architecture, initialised "
         "from the run's seed.",
-        f"- Fine-tuning ({settings.finetune_epochs} epochs): {FINETUNE_RECIPE.describe()}.",
-        f"- Supervised from scratch ({scratch_epochs} epochs): {SCRATCH_RECIPE.describe()}.",
+    ]
+    if settings.probes_only:
+        lines.append("- Fine-tuning and the supervised baseline were skipped (`--probes-only`).")
+    else:
+        lines += [
+            f"- Fine-tuning ({settings.finetune_epochs} epochs): {FINETUNE_RECIPE.describe()}.",
+            f"- Supervised from scratch ({scratch_epochs} epochs): {SCRATCH_RECIPE.describe()}.",
+        ]
+    lines += [
         "- Majority class: the most frequent class of the fine-tune part, predicted for every "
         "image. It is constant by design, so the collapse checks skip it.",
         f"- Fairness tables compare groups of at least {settings.fairness_min_count} images.",
@@ -1059,7 +1070,7 @@ def split_sentence(context: FaceSeedContext) -> str:
 
 def run_face_protocol(settings: ProtocolSettings) -> ReportFiles:
     """Run the face protocol for every seed and task and write the report folder."""
-    per_seed = 1 + len(settings.tasks) * 3
+    per_seed = 1 + len(settings.tasks) * (1 if settings.probes_only else 3)
     progress = Progress(int(settings.checkpoint is None) + len(settings.seeds) * per_seed + 1)
     checkpoint = settings.checkpoint
     if checkpoint is None:
@@ -1135,6 +1146,11 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--finetune-epochs", type=int, default=30, help="SimCLR fine-tuning epochs")
     parser.add_argument("--scratch-epochs", type=int, help="supervised epochs (default: finetune)")
+    parser.add_argument(
+        "--probes-only",
+        action="store_true",
+        help="score only the linear probes and the majority class (compares checkpoints quickly)",
+    )
     parser.add_argument("--batch-size", type=int, default=256, help="images per step")
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator")
