@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -19,14 +20,20 @@ from simclr_lightning.evaluation.cifar import subset_split
 from simclr_lightning.evaluation.protocol import (
     FINETUNE_RECIPE,
     METHOD_MAJORITY,
+    METHOD_RANDOM_KNN,
     METHOD_RANDOM_PROBE,
     METHOD_SCRATCH,
     METHOD_SIMCLR_FINETUNE,
+    METHOD_SIMCLR_KNN,
     METHOD_SIMCLR_PROBE,
     SCRATCH_RECIPE,
     SGD_PROBE_RECIPE,
+    FaceSeedContext,
+    FrozenFeatures,
     LabeledPredictions,
     ProtocolSettings,
+    TaskScorer,
+    frozen_feature_results,
     load_simclr_backbone,
     score_predictions,
 )
@@ -34,8 +41,10 @@ from simclr_lightning.models.simclr import SimCLRModule
 
 FACE_METHODS = (
     METHOD_SIMCLR_PROBE,
+    METHOD_SIMCLR_KNN,
     METHOD_SIMCLR_FINETUNE,
     METHOD_RANDOM_PROBE,
+    METHOD_RANDOM_KNN,
     METHOD_SCRATCH,
     METHOD_MAJORITY,
 )
@@ -226,7 +235,7 @@ def test_probes_only_skips_the_trained_methods(
     status = main([*argv, "--checkpoint", str(checkpoint), "--tasks", "race", *TINY_RUN])
     assert status == 0
     markdown = markdown_of(out)
-    for method in (METHOD_SIMCLR_PROBE, METHOD_RANDOM_PROBE, METHOD_MAJORITY):
+    for method in (METHOD_SIMCLR_PROBE, METHOD_SIMCLR_KNN, METHOD_RANDOM_KNN, METHOD_MAJORITY):
         assert f"## {method}: race" in markdown
     for method in (METHOD_SIMCLR_FINETUNE, METHOD_SCRATCH):
         assert f"## {method}: race" not in markdown
@@ -307,6 +316,31 @@ def _predictions(target: list[int], prediction: list[int], race: list[int]) -> L
     return LabeledPredictions(
         np.array(target), np.array(prediction), np.array(race), np.full(len(target), -1)
     )
+
+
+def test_frozen_feature_knn_follows_the_nearest_images(tmp_path: Path) -> None:
+    # Gender is the sign of the first SimCLR feature; random features carry no label, so the
+    # kNN vote on them is the label of the query's own pair, which is the wrong one.
+    train_gender = np.array([0, 0, 0, 1, 1, 1])
+    val_gender = np.array([0, 1, 1, 0])
+    signs = torch.tensor([-1.0, 1.0])
+    simclr = FrozenFeatures(
+        torch.stack([signs[g] * torch.tensor([1.0, 0.1 * k]) for k, g in enumerate(train_gender)]),
+        torch.stack([signs[g] * torch.tensor([1.0, 0.0]) for g in val_gender]),
+        {"race": np.zeros(6, dtype=np.int64), "gender": train_gender},
+        {"race": np.zeros(4, dtype=np.int64), "gender": val_gender},
+    )
+    # Each validation image sits on top of one training image of the other gender.
+    random_val = torch.eye(6)[[3, 0, 1, 4]]
+    random = FrozenFeatures(torch.eye(6), random_val, simclr.train_labels, simclr.val_labels)
+    features = {"simclr": simclr, "random": random}
+    datamodules = {"gender": SimpleNamespace(num_classes=2)}
+    context = FaceSeedContext(0, "unused", None, features, datamodules)  # type: ignore[arg-type]
+    settings = ProtocolSettings(out=tmp_path, utkface_root=str(tmp_path), knn_k=1)
+    score = TaskScorer("gender", 0, ("male", "female"), 0.5, 1)
+    results = {r.method: r for r in frozen_feature_results(settings, context, "gender", score)}
+    assert results[METHOD_SIMCLR_KNN].report.accuracy == pytest.approx(1.0)
+    assert results[METHOD_RANDOM_KNN].report.accuracy == pytest.approx(0.0)
 
 
 def test_score_gender_groups_by_race() -> None:

@@ -29,7 +29,9 @@ from simclr_lightning.evaluation.embedding import ProjectedEmbedding
 from simclr_lightning.evaluation.probe import extract_features, fit_logistic_probe, knn_predict
 from simclr_lightning.evaluation.protocol import (
     METHOD_MAJORITY,
+    METHOD_RANDOM_KNN,
     METHOD_RANDOM_PROBE,
+    METHOD_SIMCLR_KNN,
     METHOD_SIMCLR_PROBE,
     NO_IMAGE_CAP,
     LabeledPredictions,
@@ -51,8 +53,6 @@ from simclr_lightning.models.simclr import SimCLRModule
 logger = logging.getLogger(__name__)
 
 TASK = "cifar10"
-METHOD_SIMCLR_KNN = "SimCLR + kNN"
-METHOD_RANDOM_KNN = "random backbone + kNN"
 
 
 def subset_split(

@@ -45,7 +45,7 @@ from simclr_lightning.demo import ROOT_VARIABLES
 from simclr_lightning.evaluation.embedding import ProjectedEmbedding, project_2d
 from simclr_lightning.evaluation.fairness import FairnessReport, fairness_report
 from simclr_lightning.evaluation.metrics import classification_report, majority_baseline
-from simclr_lightning.evaluation.probe import extract_features, fit_logistic_probe
+from simclr_lightning.evaluation.probe import extract_features, fit_logistic_probe, knn_predict
 from simclr_lightning.evaluation.report import (
     EvaluationResult,
     ReportFiles,
@@ -65,8 +65,10 @@ LinearProbeKind = Literal["lbfgs", "sgd"]
 TASKS: tuple[str, ...] = ("race", "gender")
 
 METHOD_SIMCLR_PROBE = "SimCLR + linear probe"
+METHOD_SIMCLR_KNN = "SimCLR + kNN"
 METHOD_SIMCLR_FINETUNE = "SimCLR + fine-tuning"
 METHOD_RANDOM_PROBE = "random backbone + linear probe"
+METHOD_RANDOM_KNN = "random backbone + kNN"
 METHOD_SCRATCH = "supervised from scratch"
 METHOD_MAJORITY = "majority class"
 
@@ -184,13 +186,14 @@ class ProtocolSettings:
         probe_weight_decay: L2 penalty of the ``lbfgs`` probe.
         finetune_epochs: Epochs of SimCLR fine-tuning.
         scratch_epochs: Epochs of the supervised baseline; ``None`` uses ``finetune_epochs``.
-        probes_only: Score only the two linear probes and the majority class, and skip
-            fine-tuning and the supervised baseline; a quick way to compare checkpoints.
+        probes_only: Score only the classifiers on frozen features (linear probes and kNN) and
+            the majority class, and skip fine-tuning and the supervised baseline; a quick way
+            to compare checkpoints.
         batch_size: Images per step in every stage.
         num_workers: DataLoader worker processes.
         accelerator: Lightning accelerator of every stage (``auto``, ``cpu``, ``gpu``).
         precision: Lightning precision of every stage, for example ``32-true`` or ``bf16-mixed``.
-        knn_k: Neighbours of the CIFAR-10 kNN classifier.
+        knn_k: Neighbours of the kNN classifier.
         embedding_method: ``pca`` or ``tsne`` for the embedding figures.
         embedding_max_points: Validation images drawn in each embedding figure, chosen with the
             first seed when there are more.
@@ -880,20 +883,32 @@ def sgd_probe_predictions(
     )
 
 
-def linear_probe_results(
+def frozen_feature_results(
     settings: ProtocolSettings, context: FaceSeedContext, task: str, score: TaskScorer
 ) -> list[EvaluationResult]:
-    """Score the linear probe on the SimCLR backbone and on the random backbone."""
+    """Score the linear probe and the kNN classifier on the SimCLR and the random backbone."""
     results = []
-    for method, key in ((METHOD_SIMCLR_PROBE, "simclr"), (METHOD_RANDOM_PROBE, "random")):
+    num_classes = context.datamodules[task].num_classes
+    backbones = (
+        ("simclr", METHOD_SIMCLR_PROBE, METHOD_SIMCLR_KNN),
+        ("random", METHOD_RANDOM_PROBE, METHOD_RANDOM_KNN),
+    )
+    for key, probe_method, knn_method in backbones:
+        features = context.features[key]
         if settings.linear_probe == "lbfgs":
-            features = context.features[key]
-            num_classes = context.datamodules[task].num_classes
             prediction = probe_predictions(settings, features, task, num_classes)
             predictions = features.val_predictions(task, prediction)
         else:
             predictions = sgd_probe_predictions(settings, context, task, simclr=key == "simclr")
-        results.append(score(method, predictions))
+        results.append(score(probe_method, predictions))
+        knn = knn_predict(
+            features.train,
+            torch.from_numpy(features.train_labels[task]),
+            features.val,
+            num_classes,
+            k=settings.knn_k,
+        )
+        results.append(score(knn_method, features.val_predictions(task, knn.numpy())))
     return results
 
 
@@ -976,8 +991,8 @@ def evaluate_face_task(
         majority_accuracy,
         settings.fairness_min_count,
     )
-    progress.step(f"Seed {context.seed}, {task}: linear probes ({settings.linear_probe})")
-    results = linear_probe_results(settings, context, task, score)
+    progress.step(f"Seed {context.seed}, {task}: linear probes ({settings.linear_probe}) and kNN")
+    results = frozen_feature_results(settings, context, task, score)
     if not settings.probes_only:
         results.extend(trained_results(settings, context, task, score, progress))
     results.append(score(METHOD_MAJORITY, majority, constant=True))
@@ -1043,6 +1058,8 @@ def face_notes(
         "is scored on the validation part. " + " ".join(splits),
         f"- Linear probe: {probe}. The random backbone has the same architecture, initialised "
         "from the run's seed.",
+        f"- kNN: cosine similarity between frozen features, {settings.knn_k} neighbours, votes "
+        "weighted by exp(similarity / 0.07) and not by class frequency.",
     ]
     if settings.probes_only:
         lines.append("- Fine-tuning and the supervised baseline were skipped (`--probes-only`).")
@@ -1149,13 +1166,14 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--probes-only",
         action="store_true",
-        help="score only the linear probes and the majority class (compares checkpoints quickly)",
+        help="score only the frozen-feature classifiers (linear probes, kNN) and the majority "
+        "class, which compares checkpoints quickly",
     )
     parser.add_argument("--batch-size", type=int, default=256, help="images per step")
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator")
     parser.add_argument("--precision", default="32-true", help="Lightning precision")
-    parser.add_argument("--knn-k", type=int, default=20, help="neighbours of the CIFAR-10 kNN")
+    parser.add_argument("--knn-k", type=int, default=20, help="neighbours of the kNN classifier")
     parser.add_argument("--embedding-method", choices=("pca", "tsne"), default="pca")
     parser.add_argument("--embedding-max-points", type=int, default=2000)
     parser.add_argument(
