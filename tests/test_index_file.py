@@ -26,6 +26,7 @@ from simclr_lightning.data.index_file import (
     index_from_cache,
     load_or_build_face_index,
     read_index_file,
+    remove_superseded_index_files,
     write_index_file,
 )
 from simclr_lightning.data.sources import fingerprint_face_sources, read_face_sources
@@ -279,6 +280,43 @@ def test_load_or_build_writes_then_reads(
     assert loaded.origin == "index file"
     assert loaded.path == built.path
     assert np.array_equal(loaded.index.content_hash, built.index.content_hash)
+
+
+def test_new_listing_deletes_superseded_file(
+    utkface_tree: UTKFaceTree, celeba_tree: CelebATree, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    request = _request(utkface_tree)
+    other = FaceIndexRequest.create(utkface_tree.root, celeba_root=celeba_tree.root)
+    first = load_or_build_face_index(request, index_dir=store)
+    kept = load_or_build_face_index(other, index_dir=store)
+    write_image(utkface_tree.folder / "30_1_2_20170109150557335.jpg.chip.jpg", seed=77)
+
+    second = load_or_build_face_index(request, index_dir=store)
+
+    assert first.path is not None and second.path is not None and kept.path is not None
+    assert second.path != first.path
+    assert not first.path.exists()
+    assert not first.path.with_suffix(".json").exists()
+    # The file of the other options stays: switching back to them reads it.
+    expected = {kept.path.name, second.path.name}
+    expected |= {name.replace(".npz", ".json") for name in expected}
+    assert {path.name for path in store.iterdir()} == expected
+
+
+def test_remove_superseded_skips_damaged_and_current(
+    utkface_tree: UTKFaceTree, tmp_path: Path
+) -> None:
+    request, index, skipped = _built(utkface_tree)
+    fingerprint = request.fingerprint()
+    current = write_index_file(tmp_path, "a" * 32, request, fingerprint, index, skipped, 1.0)
+    old = write_index_file(tmp_path, "b" * 32, request, fingerprint, index, skipped, 1.0)
+    (tmp_path / "face_index-cccc.json").write_text("not json", encoding="utf-8")
+
+    assert remove_superseded_index_files(tmp_path, "a" * 32, request) == 1
+
+    assert current.exists() and not old.exists()
+    assert (tmp_path / "face_index-cccc.json").exists()
 
 
 def test_load_or_build_logs_steps(

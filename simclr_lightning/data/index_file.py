@@ -9,8 +9,9 @@ read those two files instead of the images.
 The key is a digest of the resolved roots, the reader options, :data:`READER_VERSION` and a
 fingerprint of the folder listings (:func:`~simclr_lightning.data.sources.fingerprint_face_sources`,
 names, sizes and modification times from ``os.scandir``). Adding, removing or rewriting a file or
-changing an option gives a new key, so a stale file is never read. Files of older keys stay in the
-folder until they are deleted by hand.
+changing an option gives a new key, so a stale file is never read. Writing the file of a new key
+removes the files in the same folder that the same roots and options wrote for older listings
+(:func:`remove_superseded_index_files`); files of other options stay, for a switch back.
 """
 
 from __future__ import annotations
@@ -291,6 +292,45 @@ def write_index_file(
     return npz_path
 
 
+def remove_superseded_index_files(folder: PathLike, key: str, request: FaceIndexRequest) -> int:
+    """Delete the index files in ``folder`` of ``request`` under keys other than ``key``.
+
+    Those files describe older listings of the same roots with the same options, or older
+    reader rules, so no later call can read them. Files of other requests, damaged files and
+    temporary files are left alone; a file that cannot be deleted is logged and kept.
+
+    Returns:
+        The number of index files deleted.
+    """
+    folder = Path(folder)
+    wanted = dataclasses.asdict(request)
+    removed = 0
+    for json_path in sorted(folder.glob(f"{FILE_PREFIX}*.json")):
+        old_key = json_path.stem[len(FILE_PREFIX) :]
+        if old_key == key or ".tmp" in json_path.name:
+            continue
+        try:
+            content = json.loads(json_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(content, dict) or content.get("request") != wanted:
+            continue
+        npz_path = index_file_paths(folder, old_key)[0]
+        try:
+            # The .json goes first: without it no reader takes the .npz.
+            json_path.unlink()
+            npz_path.unlink(missing_ok=True)
+        except OSError as error:
+            logger.warning("Could not delete the superseded index file %s: %s", json_path, error)
+            continue
+        removed += 1
+    if removed:
+        rank_zero_info(
+            f"Deleted {removed} superseded face index file(s) of the same roots from {folder}."
+        )
+    return removed
+
+
 def read_index_file(folder: PathLike, key: str) -> StoredIndex:
     """Read the index file of ``key`` from ``folder``.
 
@@ -484,11 +524,14 @@ def _save(
             logger.debug("Not writing the face index to %s: the folder is read-only.", folder)
             continue
         try:
-            return write_index_file(
+            path = write_index_file(
                 folder, key, request, fingerprint, index, skipped, build_seconds
             )
         except OSError as error:
             rank_zero_warn(f"Failed to write the face index file to {folder}: {error}")
+            continue
+        remove_superseded_index_files(folder, key, request)
+        return path
     rank_zero_warn(
         f"The face index could not be saved in {', '.join(map(str, folders))}, so every setup "
         "reads the images again. Pass index_dir with a writable folder."
