@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
@@ -119,6 +120,41 @@ class SimCLRLightningCLI(LightningCLI):
     """
 
     checkpoint_monitor: str | None = None
+    command = "pretrain"
+    #: What to do with a checkpoint of the other command, shown in the ``--ckpt_path`` error.
+    other_kind_hint = (
+        "pass a checkpoint written by `simclr-lightning pretrain fit`; a fine-tuned model is "
+        "restored by `simclr-lightning finetune` instead."
+    )
+
+    def _parse_ckpt_path(self) -> None:
+        """Check that ``--ckpt_path`` holds this command's module before LightningCLI reads it.
+
+        LightningCLI applies a checkpoint's hyperparameters to the model config, and a
+        checkpoint of the other module fails there with a bare parser error.
+
+        Raises:
+            ValueError: If the checkpoint's hyperparameters are not arguments of the model.
+        """
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and Path(path).is_file():
+            import torch
+
+            # The same read as LightningCLI's own, which follows.
+            checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+            hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
+            accepted = set(inspect.signature(self.model_class.__init__).parameters)
+            foreign = sorted(set(hparams) - accepted - {"_instantiator", "_class_path"})
+            if foreign:
+                shown = ", ".join(repr(name) for name in foreign[:3])
+                raise ValueError(
+                    f"--ckpt_path {path} is not a {self.model_class.__name__} checkpoint: its "
+                    f"hyperparameters {shown} are not arguments of {self.model_class.__name__}, "
+                    f"which `simclr-lightning {self.command}` restores. To go on, "
+                    + self.other_kind_hint
+                )
+        super()._parse_ckpt_path()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -138,6 +174,11 @@ class FineTuneLightningCLI(SimCLRLightningCLI):
     """The fine-tuning CLI: keeps the checkpoint of the best validation balanced accuracy."""
 
     checkpoint_monitor = "val/balanced_accuracy"
+    command = "finetune"
+    other_kind_hint = (
+        "pass a checkpoint written by `simclr-lightning finetune fit`; to fine-tune from a "
+        "SimCLR pretraining checkpoint, pass it as --model.checkpoint_path instead."
+    )
 
 
 def run_lightning_cli(command: str, argv: Sequence[str], run: bool = True) -> LightningCLI:

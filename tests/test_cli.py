@@ -245,3 +245,34 @@ def test_debug_variable_keeps_traceback(tmp_path: Path, monkeypatch: pytest.Monk
     arguments += [f"--data.utkface_root={tmp_path / 'missing'}", *TINY]
     with pytest.raises((FileNotFoundError, ValueError)):
         main(arguments)
+
+
+def _hparams_checkpoint(path: Path, module: torch.nn.Module) -> Path:
+    torch.save({"state_dict": {}, "hyper_parameters": dict(module.hparams)}, path)  # type: ignore[arg-type]
+    return path
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+def test_ckpt_path_of_the_other_module_one_line_error(
+    utkface_tree: UTKFaceTree,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+) -> None:
+    from simclr_lightning.models.finetune import FineTuneModule
+    from simclr_lightning.models.simclr import SimCLRModule
+
+    monkeypatch.delenv("SIMCLR_LIGHTNING_DEBUG", raising=False)
+    other = FineTuneModule(backbone="resnet18") if command == "pretrain" else SimCLRModule()
+    checkpoint = _hparams_checkpoint(tmp_path / "other.ckpt", other)
+    config = "pretrain_faces" if command == "pretrain" else "finetune_race"
+    arguments = [command, "validate", "--config", config, "--config", "cpu_small"]
+    arguments += [*_face_roots(utkface_tree), *TINY, f"--ckpt_path={checkpoint}"]
+
+    assert main(arguments) == 2
+
+    expected = "SimCLRModule" if command == "pretrain" else "FineTuneModule"
+    assert f"is not a {expected} checkpoint" in caplog.text
+    hint = "--model.checkpoint_path" if command == "finetune" else "pretrain fit"
+    assert hint in caplog.text
