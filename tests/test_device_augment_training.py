@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import numpy as np
+import pytest
 import torch
 from torch.utils.data import DataLoader
 
@@ -31,8 +32,28 @@ def test_gpu_augment_builds_views_after_transfer() -> None:
     assert not torch.equal(augmented["views"][0], augmented["views"][1])
 
 
+def test_gpu_augment_takes_settings_as_dict() -> None:
+    # LightningCLI passes --model.device_augmentation.* as a dict.
+    module = SimCLRModule(
+        gpu_augment=True, device_augmentation={"image_size": 24, "cj_hue": 0.0}, num_classes=0
+    )
+    augment = module._build_batch_augment(None)
+    assert augment.augmentation == SimCLRAugmentation(image_size=24, cj_hue=0.0)
+
+
+def test_gpu_augment_without_any_size_error() -> None:
+    module = SimCLRModule(gpu_augment=True, num_classes=0)
+    with pytest.raises(ValueError, match="found no image size"):
+        module._build_batch_augment(None)
+
+
 def test_gpu_augment_leaves_float_batches() -> None:
-    module = SimCLRModule(backbone="resnet18", gpu_augment=True, num_classes=0)
+    module = SimCLRModule(
+        backbone="resnet18",
+        gpu_augment=True,
+        device_augmentation=SimCLRAugmentation(image_size=16),
+        num_classes=0,
+    )
     module.batch_augment = module._build_batch_augment(None)
     batch = {"image": torch.zeros(2, 3, 16, 16), "target": torch.zeros(2, dtype=torch.long)}
     assert module.on_after_batch_transfer(batch, 0) is batch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -64,7 +65,8 @@ class SimCLRModule(pl.LightningModule):
             un-augmented uint8 batches ``{"image": uint8 (B, 3, S, S), "target": ...}``, such as
             ``FaceDataModule(augment_on_device=True)`` yields, so CPU workers only decode.
         device_augmentation: Settings of the device augmentation; ``None`` takes the datamodule's
-            ``augmentation`` attribute, else the SimCLR defaults at the datamodule's image size.
+            ``augmentation`` attribute, else the SimCLR defaults. An unset ``image_size`` becomes
+            the datamodule's; without a datamodule it must be set.
         augment_seed: Seed of the device augmentation; each rank adds its global rank.
         health_every_n_steps: Compute and log the representation-health statistics
             (``train/z_std``, ``train/pos_cosine`` and the others of
@@ -179,8 +181,19 @@ class SimCLRModule(pl.LightningModule):
         augmentation = self.hparams["device_augmentation"] or getattr(
             datamodule, "augmentation", None
         )
-        image_size = int(getattr(datamodule, "hparams", {}).get("image_size", 128))
-        augmentation = (augmentation or SimCLRAugmentation()).for_size(image_size)
+        if isinstance(augmentation, Mapping):
+            # LightningCLI passes the settings of a config file as a dict.
+            augmentation = SimCLRAugmentation(**augmentation)
+        augmentation = augmentation or SimCLRAugmentation()
+        image_size = getattr(datamodule, "hparams", {}).get("image_size")
+        if image_size is not None:
+            augmentation = augmentation.for_size(int(image_size))
+        elif augmentation.image_size is None:
+            raise ValueError(
+                "SimCLRModule(gpu_augment=True) found no image size: the training data comes "
+                "without a datamodule that has an image_size hyperparameter. Pass "
+                "device_augmentation=SimCLRAugmentation(image_size=...)."
+            )
         seed = self.hparams["augment_seed"] + self.global_rank
         rank_zero_info(f"SimCLR views are built on the device from uint8 batches: {augmentation}")
         return SimCLRBatchAugment(augmentation, seed=seed).to(self.device)
