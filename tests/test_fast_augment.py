@@ -167,7 +167,9 @@ def test_fallback_crop_matches_torchvision() -> None:
 
 
 def test_sample_params_rates_match_probabilities() -> None:
-    aug = SimCLRAugmentation(hflip_prob=0.5, cj_prob=0.8, gray_prob=0.2, blur_prob=0.5)
+    aug = SimCLRAugmentation(
+        image_size=32, hflip_prob=0.5, cj_prob=0.8, gray_prob=0.2, blur_prob=0.5
+    )
     transform = FastSimCLRTransform(aug, seed=0)
     params = [transform.sample_params(32, 32) for _ in range(5000)]
     # Binomial standard error at n = 5000 is at most 0.0071, so 0.03 is over 4 of them.
@@ -178,7 +180,7 @@ def test_sample_params_rates_match_probabilities() -> None:
 
 
 def test_sample_params_factor_ranges() -> None:
-    aug = SimCLRAugmentation(cj_strength=0.5, blur_sigma=(0.1, 2.0))
+    aug = SimCLRAugmentation(image_size=32, cj_strength=0.5, blur_sigma=(0.1, 2.0))
     transform = FastSimCLRTransform(aug, seed=0)
     params = [transform.sample_params(32, 32) for _ in range(3000)]
     brightness = np.array([p.brightness for p in params])
@@ -196,7 +198,7 @@ def test_sample_params_factor_ranges() -> None:
 
 
 def test_sample_params_orders_are_permutations() -> None:
-    transform = FastSimCLRTransform(SimCLRAugmentation(), seed=0)
+    transform = FastSimCLRTransform(SimCLRAugmentation(image_size=32), seed=0)
     orders = [transform.sample_params(32, 32).jitter_order for _ in range(2400)]
     assert all(sorted(order) == [0, 1, 2, 3] for order in orders)
     first = np.bincount([order[0] for order in orders], minlength=4) / len(orders)
@@ -405,9 +407,8 @@ def test_for_size_rejects_another_size() -> None:
         IDENTITY.for_size(32)
 
 
-def test_unset_size_error_at_first_use() -> None:
+def test_unset_size_error_at_construction() -> None:
     with pytest.raises(ValueError, match="image_size is None"):
         build_simclr_transform(SimCLRAugmentation())
-    transform = FastSimCLRTransform(SimCLRAugmentation(), seed=0)
     with pytest.raises(ValueError, match="image_size is None"):
-        transform(smooth_image())
+        FastSimCLRTransform(SimCLRAugmentation(), seed=0)

@@ -208,6 +208,11 @@ def test_init_rejects_hue_above_half() -> None:
         SimCLRBatchAugment(SimCLRAugmentation(cj_hue=0.3, cj_strength=2.0))
 
 
+def test_init_rejects_unset_size() -> None:
+    with pytest.raises(ValueError, match="image_size is None"):
+        SimCLRBatchAugment(SimCLRAugmentation())
+
+
 def test_init_rejects_negative_jitter() -> None:
     with pytest.raises(ValueError, match="brightness jitter must be non-negative"):
         SimCLRBatchAugment(SimCLRAugmentation(cj_bright=-0.1))
@@ -464,14 +469,16 @@ def test_jitter_factor_ranges_match_torchvision() -> None:
 
 
 def test_jitter_brightness_floor_at_zero() -> None:
-    params = SimCLRBatchAugment(SimCLRAugmentation(cj_bright=1.5), seed=0).sample_params(2000, 8, 8)
+    augment = SimCLRBatchAugment(SimCLRAugmentation(image_size=32, cj_bright=1.5), seed=0)
+    params = augment.sample_params(2000, 8, 8)
     # torchvision clips the low end of 1 - 1.5 to 0.
     assert params.jitter_factors[:, BRIGHTNESS].min() >= 0.0
     assert params.jitter_factors[:, BRIGHTNESS].min() <= 0.01
 
 
 def test_jitter_probability_and_order() -> None:
-    params = SimCLRBatchAugment(SimCLRAugmentation(cj_prob=0.8), seed=0).sample_params(4000, 8, 8)
+    augment = SimCLRBatchAugment(SimCLRAugmentation(image_size=32, cj_prob=0.8), seed=0)
+    params = augment.sample_params(4000, 8, 8)
     # Binomial standard error sqrt(0.8 * 0.2 / 4000) = 0.0063.
     assert abs(params.jitter.double().mean().item() - 0.8) <= 4 * 0.0063
     assert bool((params.jitter_order.sort(dim=1).values == torch.arange(4)).all())
@@ -561,7 +568,7 @@ def test_gaussian_blur_keeps_constant_image() -> None:
 
 
 def test_blur_probability_and_sigma_range() -> None:
-    augmentation = SimCLRAugmentation(blur_prob=0.5, blur_sigma=(0.1, 2.0))
+    augmentation = SimCLRAugmentation(image_size=32, blur_prob=0.5, blur_sigma=(0.1, 2.0))
     params = SimCLRBatchAugment(augmentation, seed=0).sample_params(4000, 8, 8)
     # Binomial standard error sqrt(0.25 / 4000) = 0.0079.
     assert abs(params.blur.double().mean().item() - 0.5) <= 4 * 0.0079

@@ -167,7 +167,8 @@ class FastSimCLRTransform:
         seed: Seed of the random parameters, or ``None`` to follow torch's seed as above.
 
     Raises:
-        ValueError: If a colour jitter amount is negative or the hue jitter exceeds 0.5.
+        ValueError: If a colour jitter amount is negative, the hue jitter exceeds 0.5 or
+            ``augmentation.image_size`` is unset.
     """
 
     def __init__(self, augmentation: SimCLRAugmentation, seed: int | None = None) -> None:
@@ -184,6 +185,7 @@ class FastSimCLRTransform:
                 f"hue jitter (cj_strength * cj_hue) must be in [0, 0.5], got {hue}. Lower cj_hue."
             )
         self.hue_range = (-hue, hue)
+        self.size = aug.size  # raises here, not in a DataLoader worker, when the size is unset
         self._rng: np.random.Generator | None = None
         self._rng_pid: int | None = None
 
@@ -237,7 +239,7 @@ class FastSimCLRTransform:
 
     def apply(self, image: Image.Image, params: ViewParams) -> Image.Image:
         """Apply the crop, flip, jitter, grayscale and blur of ``params`` to an RGB image."""
-        size = self.augmentation.size
+        size = self.size
         top, left, crop_h, crop_w = params.crop
         box = (left, top, left + crop_w, top + crop_h)
         view = image.resize((size, size), Image.Resampling.BILINEAR, box=box)

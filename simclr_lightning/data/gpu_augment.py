@@ -179,7 +179,8 @@ class SimCLRBatchAugment(nn.Module):
         seed: Seed of the module's own generator, or ``None`` to use torch's global generator.
 
     Raises:
-        ValueError: If a jitter amount is negative or the hue jitter exceeds 0.5.
+        ValueError: If a jitter amount is negative, the hue jitter exceeds 0.5 or
+            ``augmentation.image_size`` is unset.
 
     Example:
         >>> augment = SimCLRBatchAugment(SimCLRAugmentation(image_size=16), seed=0)
@@ -205,6 +206,7 @@ class SimCLRBatchAugment(nn.Module):
                 "Lower cj_hue or cj_strength."
             )
         self.hue = (-hue, hue)
+        self.size = augmentation.size
         self.generator: torch.Generator | None = None
         if seed is not None:
             self.generator = torch.Generator().manual_seed(seed)
@@ -268,7 +270,7 @@ class SimCLRBatchAugment(nn.Module):
         """
         _check_images(images)
         device = images.device
-        size = self.augmentation.size
+        size = self.size
         # The parameters stay on the CPU, where selecting rows needs no device synchronisation.
         # Autocast is off so that the colour maths stays in float32 under bf16-mixed training.
         with _autocast_off(device):
