@@ -134,27 +134,56 @@ class SimCLRLightningCLI(LightningCLI):
         checkpoint of the other module fails there with a bare parser error.
 
         Raises:
-            ValueError: If the checkpoint's hyperparameters are not arguments of the model.
+            ValueError: If the path is a folder or not a PyTorch checkpoint, or if the
+                checkpoint holds the other module.
         """
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if path and Path(path).is_file():
-            import torch
+        model_class = self.model_class
+        if path and isinstance(model_class, type):
+            self._check_checkpoint_kind(Path(path), model_class)
+        super()._parse_ckpt_path()
 
+    def _check_checkpoint_kind(self, path: Path, model_class: type) -> None:
+        if path.is_dir():
+            raise ValueError(f"--ckpt_path {path} is a folder; pass the .ckpt file in it.")
+        if not path.is_file():
+            return  # Lightning reports the missing file.
+        import torch
+
+        try:
             # The same read as LightningCLI's own, which follows.
             checkpoint = torch.load(path, weights_only=True, map_location="cpu")
-            hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
-            accepted = set(inspect.signature(self.model_class.__init__).parameters)
-            foreign = sorted(set(hparams) - accepted - {"_instantiator", "_class_path"})
-            if foreign:
-                shown = ", ".join(repr(name) for name in foreign[:3])
-                raise ValueError(
-                    f"--ckpt_path {path} is not a {self.model_class.__name__} checkpoint: its "
-                    f"hyperparameters {shown} are not arguments of {self.model_class.__name__}, "
-                    f"which `simclr-lightning {self.command}` restores. To go on, "
-                    + self.other_kind_hint
-                )
-        super()._parse_ckpt_path()
+        # On bytes that are not a pickle, the weights-only unpickler raises many exception
+        # types (UnpicklingError, EOFError, KeyError, IndexError and more).
+        except Exception as error:
+            raise ValueError(
+                f"--ckpt_path {path} is not a PyTorch checkpoint ({type(error).__name__}: "
+                f"{error}). Pass a .ckpt file from a run's checkpoints/ folder."
+            ) from error
+        if not isinstance(checkpoint, dict):
+            raise ValueError(f"--ckpt_path {path} is not a Lightning checkpoint dict.")
+        hparams = checkpoint.get("hyper_parameters") or {}
+        accepted = set(inspect.signature(model_class).parameters)
+        foreign = sorted(set(hparams) - accepted - {"_instantiator", "_class_path"})
+        state_keys = checkpoint.get("state_dict") or {}
+        # Without hyperparameters the weights tell: only SimCLRModule has a projection head,
+        # only FineTuneModule a classifier.
+        other_prefix = "projection_head." if self.command == "finetune" else "classifier."
+        foreign_weights = [key for key in state_keys if str(key).startswith(other_prefix)]
+        if not foreign and not foreign_weights:
+            return
+        reason = (
+            f"its hyperparameters {', '.join(repr(name) for name in foreign[:3])} are not "
+            f"arguments of {model_class.__name__}"
+            if foreign
+            else f"it has {other_prefix}* weights, which {model_class.__name__} does not have"
+        )
+        raise ValueError(
+            f"--ckpt_path {path} is not a {model_class.__name__} checkpoint: {reason}, and "
+            f"`simclr-lightning {self.command}` restores {model_class.__name__} checkpoints "
+            "only. To go on, " + self.other_kind_hint
+        )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")

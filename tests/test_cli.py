@@ -168,6 +168,21 @@ def test_cifar_configs_instantiate(tmp_path: Path) -> None:
     assert cli.model.hparams["protocol"] == "linear"
 
 
+def test_cifar_augmentation_override_keeps_recipe(tmp_path: Path) -> None:
+    root = tmp_path / "cifar"
+    for split in ("train", "test"):
+        for index, name in enumerate(CIFAR_CLASSES):
+            write_image(root / split / name / f"{index}.png", seed=index, fmt="PNG")
+    arguments = ["--config", "cifar10_pretrain", f"--data.root={root}", "--trainer.accelerator=cpu"]
+    arguments.append("--data.init_args.augmentation.cj_hue=0.1")
+    augmentation = run_lightning_cli("pretrain", arguments, run=False).datamodule.augmentation
+    # The SimCLR paper's CIFAR-10 settings stay; only the hue changes.
+    assert augmentation.cj_strength == 0.5
+    assert augmentation.blur_prob == 0.0
+    assert augmentation.cj_hue == 0.1
+    assert augmentation.image_size == 32
+
+
 def test_print_config_shows_resolved_values(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as raised:
         main(["pretrain", "fit", "--config", "pretrain_faces", "--print_config"])
@@ -276,3 +291,46 @@ def test_ckpt_path_of_the_other_module_one_line_error(
     assert f"is not a {expected} checkpoint" in caplog.text
     hint = "--model.checkpoint_path" if command == "finetune" else "pretrain fit"
     assert hint in caplog.text
+
+
+def _validate_with(utkface_tree: UTKFaceTree, checkpoint: Path) -> list[str]:
+    arguments = ["finetune", "validate", "--config", "finetune_gender", "--config", "cpu_small"]
+    return [*arguments, *_face_roots(utkface_tree), *TINY, f"--ckpt_path={checkpoint}"]
+
+
+def test_ckpt_path_without_hparams_checked_by_weights(
+    utkface_tree: UTKFaceTree,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from simclr_lightning.models.simclr import SimCLRModule
+
+    monkeypatch.delenv("SIMCLR_LIGHTNING_DEBUG", raising=False)
+    checkpoint = tmp_path / "simclr.ckpt"
+    torch.save({"state_dict": SimCLRModule(projection_dim=8).state_dict()}, checkpoint)
+
+    assert main(_validate_with(utkface_tree, checkpoint)) == 2
+
+    assert "it has projection_head.* weights" in caplog.text
+
+
+@pytest.mark.parametrize("content", ["text", "empty", "folder"])
+def test_ckpt_path_not_a_checkpoint_one_line_error(
+    utkface_tree: UTKFaceTree,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    content: str,
+) -> None:
+    monkeypatch.delenv("SIMCLR_LIGHTNING_DEBUG", raising=False)
+    checkpoint = tmp_path / "bad.ckpt"
+    if content == "folder":
+        checkpoint.mkdir()
+    else:
+        checkpoint.write_text("epoch 3\n" if content == "text" else "")
+
+    assert main(_validate_with(utkface_tree, checkpoint)) == 2
+
+    expected = "is a folder" if content == "folder" else "is not a PyTorch checkpoint"
+    assert f"--ckpt_path {checkpoint} {expected}" in caplog.text
