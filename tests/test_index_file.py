@@ -319,6 +319,29 @@ def test_remove_superseded_skips_damaged_and_current(
     assert (tmp_path / "face_index-cccc.json").exists()
 
 
+def test_failed_delete_keeps_json_for_next_time(
+    utkface_tree: UTKFaceTree, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    request, index, skipped = _built(utkface_tree)
+    fingerprint = request.fingerprint()
+    write_index_file(tmp_path, "a" * 32, request, fingerprint, index, skipped, 1.0)
+    old_npz = write_index_file(tmp_path, "b" * 32, request, fingerprint, index, skipped, 1.0)
+    unlink = Path.unlink
+
+    def failing_unlink(path: Path, missing_ok: bool = False) -> None:
+        if path == old_npz:
+            raise PermissionError(13, "Permission denied", str(path))
+        unlink(path, missing_ok=missing_ok)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "unlink", failing_unlink)
+        assert remove_superseded_index_files(tmp_path, "a" * 32, request) == 0
+    assert old_npz.exists() and old_npz.with_suffix(".json").exists()
+
+    assert remove_superseded_index_files(tmp_path, "a" * 32, request) == 1
+    assert not old_npz.exists() and not old_npz.with_suffix(".json").exists()
+
+
 def test_load_or_build_logs_steps(
     utkface_tree: UTKFaceTree, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -317,11 +317,11 @@ def remove_superseded_index_files(folder: PathLike, key: str, request: FaceIndex
             continue
         npz_path = index_file_paths(folder, old_key)[0]
         try:
-            # The .json goes first: without it no reader takes the .npz.
-            json_path.unlink()
+            # The .npz goes first, so a failed delete leaves the .json that finds it next time.
             npz_path.unlink(missing_ok=True)
+            json_path.unlink()
         except OSError as error:
-            logger.warning("Could not delete the superseded index file %s: %s", json_path, error)
+            logger.warning("Could not delete a superseded face index file: %s", error)
             continue
         removed += 1
     if removed:
