@@ -15,8 +15,13 @@ from conftest import SHARED_DATA, utkface_name, write_image
 from simclr_lightning.cli import main
 from simclr_lightning.data.cifar import CIFAR10_CLASSES, CIFARSplit
 from simclr_lightning.data.face_datamodule import FaceDataModule
-from simclr_lightning.evaluation import protocol
+from simclr_lightning.evaluation import faces
 from simclr_lightning.evaluation.cifar import subset_split
+from simclr_lightning.evaluation.faces import (
+    FaceSeedContext,
+    FrozenFeatures,
+    frozen_feature_results,
+)
 from simclr_lightning.evaluation.protocol import (
     FINETUNE_RECIPE,
     METHOD_MAJORITY,
@@ -28,12 +33,9 @@ from simclr_lightning.evaluation.protocol import (
     METHOD_SIMCLR_PROBE,
     SCRATCH_RECIPE,
     SGD_PROBE_RECIPE,
-    FaceSeedContext,
-    FrozenFeatures,
     LabeledPredictions,
     ProtocolSettings,
     TaskScorer,
-    frozen_feature_results,
     load_simclr_backbone,
     score_predictions,
 )
@@ -207,7 +209,7 @@ def test_collapsed_probe_shows_warning(
     def always_male(settings: Any, features: Any, task: str, num_classes: int) -> np.ndarray:
         return np.zeros(len(features.val), dtype=np.int64)
 
-    monkeypatch.setattr(protocol, "probe_predictions", always_male)
+    monkeypatch.setattr(faces, "probe_predictions", always_male)
     checkpoint = save_simclr_checkpoint(tmp_path / "simclr.ckpt")
     out = tmp_path / "report"
     argv = ["evaluate", "--utkface-root", str(skewed_root), "--out", str(out)]
@@ -228,7 +230,7 @@ def test_probes_only_skips_the_trained_methods(
     def no_training(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("--probes-only trained a classifier")
 
-    monkeypatch.setattr(protocol, "train_and_predict", no_training)
+    monkeypatch.setattr(faces, "train_and_predict", no_training)
     checkpoint = save_simclr_checkpoint(tmp_path / "simclr.ckpt")
     out = tmp_path / "report"
     argv = ["evaluate", "--utkface-root", str(skewed_root), "--out", str(out), "--probes-only"]

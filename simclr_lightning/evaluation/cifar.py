@@ -214,8 +214,8 @@ def cifar_notes(settings: ProtocolSettings, checkpoint: str, train: int, test: i
         f"train the classifiers and {test} test images score them.",
         "- Linear probe: multinomial logistic regression on standardised frozen features, fitted "
         f"by L-BFGS (weight decay {settings.probe_weight_decay:g}).",
-        f"- kNN: cosine similarity, {settings.knn_k} neighbours, votes weighted by "
-        "exp(similarity / 0.07).",
+        f"- kNN: cosine similarity, the {settings.knn_k} nearest training images (all of them "
+        "when there are fewer), votes weighted by exp(similarity / 0.07).",
         "- The random backbone has the same architecture, initialised from the seed.",
     ]
     return ["## Protocol", "\n".join(lines)]
