@@ -403,6 +403,7 @@ def test_index_rebuilt_after_file_change(
     first = _module(utkface_root=str(utkface_tree.root), index_dir=str(store))
     first.setup("fit")
     calls_before = inspect_counter.calls
+    first_files = _index_files(store)
 
     _change_utkface(utkface_tree, change)
     second = _module(utkface_root=str(utkface_tree.root), index_dir=str(store))
@@ -411,7 +412,10 @@ def test_index_rebuilt_after_file_change(
     assert second.index is not None
 
     assert inspect_counter.calls > calls_before
-    assert len(_index_files(store)) == 4
+    # The new listing's file replaces the old one of the same roots and options.
+    second_files = _index_files(store)
+    assert len(second_files) == 2
+    assert not set(second_files) & set(first_files)
     expected_rows = {"add": 1, "remove": -1, "rewrite": -1}[change]
     # The reversed bytes are no longer a JPEG, so the rewritten file is left out.
     assert len(second.index) == len(first.index) + expected_rows
