@@ -128,7 +128,7 @@ class SimCLRLightningCLI(LightningCLI):
     )
 
     def _parse_ckpt_path(self) -> None:
-        """Check that ``--ckpt_path`` holds this command's module before LightningCLI reads it.
+        """Check that ``--ckpt_path`` contains this command's module before LightningCLI reads it.
 
         LightningCLI applies a checkpoint's hyperparameters to the model config, and a
         checkpoint of the other module fails there with a bare parser error.
