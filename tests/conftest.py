@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import io
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from simclr_lightning.data import sources
+from simclr_lightning.data.images import ImageCheck, inspect_image
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -209,3 +213,24 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"The real dataset samples are not at {SHARED_DATA}.")
     return SHARED_DATA
+
+
+class InspectCounter:
+    """Counter of the ``inspect_image`` calls made by the source readers."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, path: str) -> ImageCheck:
+        with self._lock:
+            self.calls += 1
+        return inspect_image(path)
+
+
+@pytest.fixture
+def inspect_counter(monkeypatch: pytest.MonkeyPatch) -> InspectCounter:
+    """Count the images that the source readers decode during a test."""
+    counter = InspectCounter()
+    monkeypatch.setattr(sources, "inspect_image", counter)
+    return counter

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +11,9 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import CelebATree, UTKFaceTree, utkface_name, write_image
+from conftest import CelebATree, InspectCounter, UTKFaceTree, utkface_name, write_image
 
-from simclr_lightning.data import sources
 from simclr_lightning.data.face_datamodule import FaceDataModule
-from simclr_lightning.data.images import ImageCheck, inspect_image
 from simclr_lightning.data.index import SOURCE_CELEBA
 from simclr_lightning.data.sources import read_face_sources
 from simclr_lightning.data.splits import unique_by_hash
@@ -302,26 +299,6 @@ def test_missing_folder_error_at_setup(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Index file
 # ---------------------------------------------------------------------------------------------
-
-
-class InspectCounter:
-    """Counts the calls of ``inspect_image`` made by the source readers."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self._lock = threading.Lock()
-
-    def __call__(self, path: str) -> ImageCheck:
-        with self._lock:
-            self.calls += 1
-        return inspect_image(path)
-
-
-@pytest.fixture
-def inspect_counter(monkeypatch: pytest.MonkeyPatch) -> InspectCounter:
-    counter = InspectCounter()
-    monkeypatch.setattr(sources, "inspect_image", counter)
-    return counter
 
 
 def _index_files(folder: Path) -> list[str]:

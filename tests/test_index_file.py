@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CelebATree, UTKFaceTree, write_image
+from conftest import CelebATree, InspectCounter, UTKFaceTree, write_image
 
-from simclr_lightning.data import index_file, sources
-from simclr_lightning.data.images import ImageCheck, inspect_image
+from simclr_lightning.data import index_file
 from simclr_lightning.data.index import FaceIndex, SkipReport
 from simclr_lightning.data.index_file import (
     CACHE_FACE_INDEX_FILE,
@@ -31,26 +29,6 @@ from simclr_lightning.data.index_file import (
 )
 from simclr_lightning.data.sources import fingerprint_face_sources, read_face_sources
 from simclr_lightning.data.splits import unique_by_hash
-
-
-class InspectCounter:
-    """Counts the calls of ``inspect_image`` made by the source readers."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self._lock = threading.Lock()
-
-    def __call__(self, path: str) -> ImageCheck:
-        with self._lock:
-            self.calls += 1
-        return inspect_image(path)
-
-
-@pytest.fixture
-def inspect_counter(monkeypatch: pytest.MonkeyPatch) -> InspectCounter:
-    counter = InspectCounter()
-    monkeypatch.setattr(sources, "inspect_image", counter)
-    return counter
 
 
 def _request(utkface_tree: UTKFaceTree) -> FaceIndexRequest:
@@ -289,17 +267,19 @@ def test_new_listing_deletes_superseded_file(
     request = _request(utkface_tree)
     other = FaceIndexRequest.create(utkface_tree.root, celeba_root=celeba_tree.root)
     first = load_or_build_face_index(request, index_dir=store)
-    kept = load_or_build_face_index(other, index_dir=store)
+    other_options = load_or_build_face_index(other, index_dir=store)
     write_image(utkface_tree.folder / "30_1_2_20170109150557335.jpg.chip.jpg", seed=77)
 
     second = load_or_build_face_index(request, index_dir=store)
 
-    assert first.path is not None and second.path is not None and kept.path is not None
+    assert first.path is not None
+    assert second.path is not None
+    assert other_options.path is not None
     assert second.path != first.path
     assert not first.path.exists()
     assert not first.path.with_suffix(".json").exists()
     # The file of the other options stays: switching back to them reads it.
-    expected = {kept.path.name, second.path.name}
+    expected = {other_options.path.name, second.path.name}
     expected |= {name.replace(".npz", ".json") for name in expected}
     assert {path.name for path in store.iterdir()} == expected
 
@@ -315,7 +295,8 @@ def test_remove_superseded_skips_damaged_and_current(
 
     assert remove_superseded_index_files(tmp_path, "a" * 32, request) == 1
 
-    assert current.exists() and not old.exists()
+    assert current.exists()
+    assert not old.exists()
     assert (tmp_path / "face_index-cccc.json").exists()
 
 
@@ -336,10 +317,12 @@ def test_failed_delete_keeps_json_for_next_time(
     with monkeypatch.context() as patch:
         patch.setattr(Path, "unlink", failing_unlink)
         assert remove_superseded_index_files(tmp_path, "a" * 32, request) == 0
-    assert old_npz.exists() and old_npz.with_suffix(".json").exists()
+    assert old_npz.exists()
+    assert old_npz.with_suffix(".json").exists()
 
     assert remove_superseded_index_files(tmp_path, "a" * 32, request) == 1
-    assert not old_npz.exists() and not old_npz.with_suffix(".json").exists()
+    assert not old_npz.exists()
+    assert not old_npz.with_suffix(".json").exists()
 
 
 def test_load_or_build_logs_steps(
