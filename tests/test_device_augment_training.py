@@ -35,10 +35,13 @@ def test_gpu_augment_builds_views_after_transfer() -> None:
 def test_gpu_augment_takes_settings_as_dict() -> None:
     # LightningCLI passes --model.device_augmentation.* as a dict.
     module = SimCLRModule(
-        gpu_augment=True, device_augmentation={"image_size": 24, "cj_hue": 0.0}, num_classes=0
+        gpu_augment=True,
+        device_augmentation={"image_size": 24, "cj_hue": 0.0, "blur_sigma": [0.2, 1.0]},
+        num_classes=0,
     )
     augment = module._build_batch_augment(None)
-    assert augment.augmentation == SimCLRAugmentation(image_size=24, cj_hue=0.0)
+    expected = SimCLRAugmentation(image_size=24, cj_hue=0.0, blur_sigma=(0.2, 1.0))
+    assert augment.augmentation == expected
 
 
 def test_gpu_augment_without_any_size_error() -> None:

@@ -182,8 +182,11 @@ class SimCLRModule(pl.LightningModule):
             datamodule, "augmentation", None
         )
         if isinstance(augmentation, Mapping):
-            # LightningCLI passes the settings of a config file as a dict.
-            augmentation = SimCLRAugmentation(**augmentation)
+            # LightningCLI passes the settings of a config file as a dict, with lists for tuples.
+            settings = dict(augmentation)
+            if "blur_sigma" in settings:
+                settings["blur_sigma"] = tuple(settings["blur_sigma"])
+            augmentation = SimCLRAugmentation(**settings)
         augmentation = augmentation or SimCLRAugmentation()
         image_size = getattr(datamodule, "hparams", {}).get("image_size")
         if image_size is not None:
