@@ -131,11 +131,12 @@ class SimCLRLightningCLI(LightningCLI):
         """Check that ``--ckpt_path`` contains this command's module before LightningCLI reads it.
 
         LightningCLI applies a checkpoint's hyperparameters to the model config, and a
-        checkpoint of the other module fails there with a bare parser error.
+        checkpoint of the other module fails there with a bare parser error. This overrides a
+        private LightningCLI method (Lightning 2.6), which the CLI tests exercise.
 
         Raises:
             ValueError: If the path is a folder or not a PyTorch checkpoint, or if the
-                checkpoint holds the other module.
+                checkpoint is one of the other module.
         """
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
@@ -146,7 +147,7 @@ class SimCLRLightningCLI(LightningCLI):
 
     def _check_checkpoint_kind(self, path: Path, model_class: type) -> None:
         if path.is_dir():
-            raise ValueError(f"--ckpt_path {path} is a folder; pass the .ckpt file in it.")
+            raise ValueError(f"--ckpt_path {path} is a folder. Pass the .ckpt file in it.")
         if not path.is_file():
             return  # Lightning reports the missing file.
         import torch
@@ -167,8 +168,8 @@ class SimCLRLightningCLI(LightningCLI):
         accepted = set(inspect.signature(model_class).parameters)
         foreign = sorted(set(hparams) - accepted - {"_instantiator", "_class_path"})
         state_keys = checkpoint.get("state_dict") or {}
-        # Without hyperparameters the weights tell: only SimCLRModule has a projection head,
-        # only FineTuneModule a classifier.
+        # Without hyperparameters the weights show the module, because only SimCLRModule has a
+        # projection head and only FineTuneModule a classifier.
         other_prefix = "projection_head." if self.command == "finetune" else "classifier."
         foreign_weights = [key for key in state_keys if str(key).startswith(other_prefix)]
         if not foreign and not foreign_weights:

@@ -268,7 +268,7 @@ def _hparams_checkpoint(path: Path, module: torch.nn.Module) -> Path:
 
 
 @pytest.mark.parametrize("command", ["pretrain", "finetune"])
-def test_ckpt_path_of_the_other_module_one_line_error(
+def test_ckpt_path_other_module_error(
     utkface_tree: UTKFaceTree,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
@@ -298,7 +298,7 @@ def _validate_with(utkface_tree: UTKFaceTree, checkpoint: Path) -> list[str]:
     return [*arguments, *_face_roots(utkface_tree), *TINY, f"--ckpt_path={checkpoint}"]
 
 
-def test_ckpt_path_without_hparams_checked_by_weights(
+def test_ckpt_path_weights_identify_module(
     utkface_tree: UTKFaceTree,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
@@ -316,7 +316,7 @@ def test_ckpt_path_without_hparams_checked_by_weights(
 
 
 @pytest.mark.parametrize("content", ["text", "empty", "folder"])
-def test_ckpt_path_not_a_checkpoint_one_line_error(
+def test_ckpt_path_not_checkpoint_error(
     utkface_tree: UTKFaceTree,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,

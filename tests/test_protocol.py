@@ -321,8 +321,8 @@ def _predictions(target: list[int], prediction: list[int], race: list[int]) -> L
 
 
 def test_frozen_feature_knn_follows_the_nearest_images(tmp_path: Path) -> None:
-    # Gender is the sign of the first SimCLR feature; random features carry no label, so the
-    # kNN vote on them is the label of the query's own pair, which is the wrong one.
+    # Gender is the sign of the first SimCLR feature, so SimCLR kNN is always right. Each random
+    # validation feature equals one training feature of the other gender, so random kNN is wrong.
     train_gender = np.array([0, 0, 0, 1, 1, 1])
     val_gender = np.array([0, 1, 1, 0])
     signs = torch.tensor([-1.0, 1.0])

@@ -303,7 +303,7 @@ def remove_superseded_index_files(folder: PathLike, key: str, request: FaceIndex
         The number of index files deleted.
     """
     folder = Path(folder)
-    wanted = dataclasses.asdict(request)
+    expected = dataclasses.asdict(request)
     removed = 0
     for json_path in sorted(folder.glob(f"{FILE_PREFIX}*.json")):
         old_key = json_path.stem[len(FILE_PREFIX) :]
@@ -311,9 +311,10 @@ def remove_superseded_index_files(folder: PathLike, key: str, request: FaceIndex
             continue
         try:
             content = json.loads(json_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError) as error:
+            logger.debug("Keeping the unreadable index file %s: %s", json_path, error)
             continue
-        if not isinstance(content, dict) or content.get("request") != wanted:
+        if not isinstance(content, dict) or content.get("request") != expected:
             continue
         npz_path = index_file_paths(folder, old_key)[0]
         try:
@@ -321,7 +322,7 @@ def remove_superseded_index_files(folder: PathLike, key: str, request: FaceIndex
             npz_path.unlink(missing_ok=True)
             json_path.unlink()
         except OSError as error:
-            logger.warning("Could not delete a superseded face index file: %s", error)
+            logger.warning("Failed to delete a superseded face index file: %s", error)
             continue
         removed += 1
     if removed:

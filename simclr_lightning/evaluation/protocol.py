@@ -175,8 +175,8 @@ class ProtocolSettings:
         finetune_epochs: Epochs of SimCLR fine-tuning.
         scratch_epochs: Epochs of the supervised baseline; ``None`` uses ``finetune_epochs``.
         probes_only: Score only the classifiers on frozen features (linear probes and kNN) and
-            the majority class, and skip fine-tuning and the supervised baseline; a quick way
-            to compare checkpoints.
+            the majority class, and skip fine-tuning and the supervised baseline. This compares
+            checkpoints quickly.
         batch_size: Images per step in every stage.
         num_workers: DataLoader worker processes.
         accelerator: Lightning accelerator of every stage (``auto``, ``cpu``, ``gpu``).
